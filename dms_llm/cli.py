@@ -1,0 +1,162 @@
+"""The ``dms-llm`` command line: ``prune`` and ``recipes``.
+
+Settings come from (lowest to highest): defaults < ``--recipe`` < flags < ``key=value``.
+Bad input prints one ``dms-llm: error: ...`` line and exits with status 2.
+
+Example:
+    dms-llm prune meta-llama/Llama-2-7b-hf --ratio 0.2 --calib wikitext2 --output-dir llama2-7b-dms20
+    dms-llm prune ./stories260K --ratio 0.2 --calib stories.txt search.steps=200 layout=uniform
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import DMSError
+
+# flag -> (config key, type, help)
+PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--ratio": ("ratio", float, "fraction of the total parameter count to remove, e.g. 0.2"),
+    "--params": ("params", str, "absolute target size instead of --ratio, e.g. 5.4B or 180000"),
+    "--calib": ("data.calib", str, "calibration text: wikitext2, c4, alpaca, or a .txt/.jsonl/.parquet file"),
+    "--calib-split": ("data.split", str, "split of a named calibration dataset (default train)"),
+    "--text-field": ("data.text_field", str, "text field of .jsonl/.parquet rows (default text)"),
+    "--num-blocks": ("data.num_blocks", int, "distinct calibration blocks"),
+    "--seq-len": ("data.seq_len", int, "tokens per calibration block"),
+    "--steps": ("search.steps", int, "search steps"),
+    "--batch-size": ("search.batch_size", int, "blocks per step (per process)"),
+    "--lr": ("search.lr", float, "learning rate of the keep ratios"),
+    "--budget-weight": ("search.budget_weight", float, "weight w of the budget penalty"),
+    "--targets": ("targets", str, "what to prune: a subset of heads,channels,layers"),
+    "--layout": ("layout", str, "per_layer (default) or uniform (stock config, loads anywhere)"),
+    "--seed": ("seed", int, "random seed"),
+    "--dtype": ("dtype", str, "auto, float32, bfloat16 or float16"),
+    "--device": ("device", str, "auto, cpu, cuda, cuda:N"),
+    "--eval-seq-len": ("eval_seq_len", int, "window of the held-out perplexity"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dms-llm", description="Structured pruning of Llama-family models with DMS.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"dms-llm {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    prune = verbs.add_parser("prune", help="prune a model to a parameter budget")
+    prune.add_argument("model", help="Hugging Face model name or local folder")
+    prune.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. search.steps=500")
+    prune.add_argument("--recipe", help="recipe name (see `dms-llm recipes`) or YAML file")
+    prune.add_argument("--output-dir", "-o", help="where to write the pruned model (default: ./NAME-dms-RATIO)")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    prune.add_argument("--gradient-checkpointing", action="store_true", default=None, help="save activation memory")
+    prune.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity")
+    prune.add_argument("--quiet", action="store_true", help="no progress bar")
+    for flag, (key, kind, text) in PRUNE_FLAGS.items():
+        prune.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text)
+    prune.set_defaults(func=cmd_prune)
+
+    recipes = verbs.add_parser("recipes", help="list the shipped recipes")
+    recipes.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def _prune_config(args: argparse.Namespace):
+    from .config import PruneConfig, apply_overrides, load_recipe, merge_settings
+
+    config = load_recipe(args.recipe) if args.recipe else PruneConfig()
+    flags = {key: getattr(args, key) for key, _, _ in PRUNE_FLAGS.values() if hasattr(args, key)}
+    if "ratio" in flags and "params" in flags:
+        raise DMSError("give either --ratio or --params, not both")
+    if "params" in flags:
+        flags["ratio"] = None
+    if "ratio" in flags:
+        flags["params"] = None
+    if args.gradient_checkpointing:
+        flags["search.gradient_checkpointing"] = True
+    if args.no_eval:
+        flags["evaluate"] = False
+    config = merge_settings(config, flags)
+    return apply_overrides(config, args.overrides).validate()
+
+
+def _default_output(model: str, config) -> str:
+    name = Path(model.rstrip("/")).name or "model"
+    suffix = f"{round(config.ratio * 100)}" if config.ratio is not None else str(config.params)
+    return f"{name}-dms-{suffix}"
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .checkpoint import check_output_dir, load_config, save_pruned
+
+    config = _prune_config(args)
+    output_dir = check_output_dir(args.output_dir or _default_output(args.model, config), args.overwrite)
+    from .adapters import get_adapter
+
+    get_adapter(load_config(args.model))  # architecture check before loading any weights
+    _check_text_source(config.data.calib)
+
+    from rich.console import Console
+
+    from .checkpoint import load_model
+    from .pipeline import prune
+
+    console = Console()
+    console.print(f"loading {args.model} ...")
+    model, tokenizer = load_model(args.model, dtype=config.dtype, device=config.device)
+    model, report = prune(model, tokenizer, config, progress=not args.quiet)
+    report.model = args.model
+    report.command = "dms-llm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["prune"] else None
+    save_pruned(model, tokenizer, output_dir, report=report.to_dict(), overwrite=args.overwrite)
+    sys.stdout.write(report.render(width=max(console.width, 100)))
+    print(f"saved to {output_dir}")
+    return 0
+
+
+def _check_text_source(source: str) -> None:
+    """Fail before loading the model when a local calibration file is missing or empty."""
+    from .data import NAMED_SOURCES
+
+    path = Path(source).expanduser()
+    if source in NAMED_SOURCES and not path.exists():
+        return
+    if not path.exists():
+        raise DMSError(f"calibration file {source!r} does not exist (or name one of {', '.join(NAMED_SOURCES)})")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DMSError(f"calibration file {source!r} is empty")
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .config import available_recipes, recipe_model
+
+    for name, path in available_recipes().items():
+        header = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        print(f"{name:14s} {recipe_model(name) or '':32s} {header}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    verbs = parser._subparsers._group_actions[0].choices  # argparse keeps the verb parsers here
+    if argv and argv[0] in verbs:
+        # flags and key=value overrides may be mixed freely after the verb
+        args = verbs[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DMSError as error:
+        print(f"dms-llm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dms-llm: interrupted; nothing was written", file=sys.stderr)
+        return 130

@@ -1,0 +1,356 @@
+"""Attach DMS masks to a transformers model with hooks, and remove them again.
+
+The forward pass stays transformers' own code. Hooks multiply:
+- the input of every ``o_proj`` by the layer's attention-unit mask (a unit = one KV head and
+  its query heads, so each kept layer stays a valid GQA attention module),
+- the input of every ``down_proj`` by the layer's MLP-channel mask,
+- the outputs of every attention and MLP block by the layer mask, so a masked layer computes
+  ``h + d * attn(norm(h))`` and ``h + d * mlp(norm(h))``.
+Removing the hooks gives back the exact original model (no weight is touched).
+
+Example:
+    >>> masks = MaskSet(model)                 # doctest: +SKIP
+    >>> masks.refresh(); loss = model(**batch).loss; loss.backward()   # doctest: +SKIP
+    >>> masks.update_importance(); arch = masks.architecture()         # doctest: +SKIP
+    >>> masks.remove()                                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import FamilyAdapter, get_adapter
+from .architecture import Architecture
+from .errors import DMSError
+from .topk import MaskMode, hard_mask, keep_count, soft_mask, straight_through_count
+
+TARGETS = ("heads", "channels", "layers")
+
+
+class MaskSet:
+    """Learnable keep ratios, importance scores and hooks for one model.
+
+    Groups: ``heads`` (per layer, over attention units), ``channels`` (per layer, over MLP
+    channels) and ``layers`` (one group over the decoder layers). With ``uniform=True`` the
+    per-layer groups of a kind share one keep ratio, so every layer keeps the same count.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: Sequence[str] = TARGETS,
+        uniform: bool = False,
+        temperatures: dict[str, float] | None = None,
+        adapter: FamilyAdapter | None = None,
+    ) -> None:
+        unknown = set(targets) - set(TARGETS)
+        if unknown or not targets:
+            raise DMSError(f"prune targets must be a non-empty subset of {', '.join(TARGETS)}; got {list(targets)}")
+        self.model = model
+        self.adapter = adapter or get_adapter(model.config)
+        self.geometry = self.adapter.geometry(model)
+        if uniform and not self.geometry.is_uniform:
+            raise DMSError("--layout uniform needs a model whose layers all have the same shape")
+        self.targets = tuple(t for t in TARGETS if t in targets)
+        self.uniform = uniform
+        self.temperatures = {"heads": 4.0, "channels": 1.0, "layers": 4.0, **(temperatures or {})}
+        self.mode: MaskMode = "straight_through"
+        device = next(model.parameters()).device
+        num_layers = self.geometry.num_layers
+        sizes = {"heads": self.geometry.units, "channels": self.geometry.channels, "layers": [num_layers]}
+        self.keep_ratios: dict[str, nn.Parameter] = {}
+        self.importance: dict[str, list[Tensor]] = {}
+        for kind in self.targets:
+            groups = 1 if (uniform or kind == "layers") else num_layers
+            self.keep_ratios[kind] = nn.Parameter(torch.ones(groups, device=device))
+            self.importance[kind] = [torch.zeros(n, device=device) for n in sizes[kind]]
+        self.frozen: dict[str, list[Tensor]] = {}
+        self.active: dict[str, list[Tensor]] | None = None
+        self._counts: dict[str, Tensor] = {}
+        self._handles: list = []
+        self._attach()
+
+    # ---- hooks -------------------------------------------------------------------------
+    def _attach(self) -> None:
+        unit_width = self.geometry.group_size * self.geometry.head_dim
+        for index, layer in enumerate(self.adapter.decoder_layers(self.model)):
+            if "heads" in self.targets:
+                o_proj = self.adapter.projection(layer, "o")
+                self._handles.append(o_proj.register_forward_pre_hook(self._input_hook("heads", index, unit_width)))
+            if "channels" in self.targets:
+                down = self.adapter.projection(layer, "down")
+                self._handles.append(down.register_forward_pre_hook(self._input_hook("channels", index, 1)))
+            if "layers" in self.targets:
+                for block in (self.adapter.attention_of(layer), self.adapter.mlp_of(layer)):
+                    self._handles.append(block.register_forward_hook(self._output_hook(index)))
+
+    def _input_hook(self, kind: str, index: int, width: int) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            if self.active is None:
+                return None
+            x = args[0]
+            scale = self.active[kind][index].to(device=x.device, dtype=x.dtype)
+            if width > 1:
+                scale = scale.repeat_interleave(width)
+            return (x * scale, *args[1:])
+
+        return hook
+
+    def _output_hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output):
+            if self.active is None:
+                return None
+            first = output[0] if isinstance(output, tuple) else output
+            scaled = first * self.active["layers"][0][index].to(device=first.device, dtype=first.dtype)
+            return (scaled, *output[1:]) if isinstance(output, tuple) else scaled
+
+        return hook
+
+    def remove(self) -> None:
+        """Detach every hook: the model is exactly the original again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.active = None
+
+    # ---- masks -------------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        """The learnable keep ratios (what the search optimises)."""
+        return list(self.keep_ratios.values())
+
+    def ratio(self, kind: str, index: int) -> Tensor:
+        ratios = self.keep_ratios[kind]
+        return ratios[0] if ratios.numel() == 1 else ratios[index]
+
+    def min_keep_ratio(self, kind: str) -> Tensor:
+        """Per-group lower bound of the keep ratio: one element."""
+        sizes = torch.tensor([len(imp) for imp in self.importance[kind]], dtype=torch.float32)
+        bound = 1.0 / sizes
+        return bound.max().expand(1) if self.keep_ratios[kind].numel() == 1 else bound
+
+    def clamp_(self) -> None:
+        """Keep every ratio in [1/N, 1] after an optimiser step."""
+        with torch.no_grad():
+            for kind, ratios in self.keep_ratios.items():
+                low = self.min_keep_ratio(kind).to(ratios.device)
+                ratios.copy_(torch.maximum(ratios.clamp(max=1.0), low))
+
+    def _group_mask(self, kind: str, index: int) -> tuple[Tensor, Tensor]:
+        """(mask, straight-through kept count) of one group in the current mode."""
+        if kind in self.frozen:
+            mask = self.frozen[kind][index]
+            return mask, mask.sum().to(torch.float64)
+        importance = self.importance[kind][index].unsqueeze(0)
+        ratio = self.ratio(kind, index).reshape(1)
+        temperature = self.temperatures[kind]
+        hard = hard_mask(importance, keep_count(ratio, importance.shape[-1]))[0]
+        if self.mode == "hard":
+            return hard, hard.sum().to(torch.float64)
+        soft = soft_mask(importance, ratio, temperature)[0]
+        if self.mode == "soft":
+            return soft, soft.sum().to(torch.float64)
+        return hard + (soft - soft.detach()), straight_through_count(hard.sum(), soft)
+
+    def refresh(self) -> None:
+        """Compute this step's masks from the keep ratios and importances (before a forward)."""
+        self.active, self._counts = {}, {}
+        for kind in self.targets:
+            if kind == "layers":
+                mask, _ = self._group_mask(kind, 0)
+                masks = [mask]
+                self._counts[kind] = mask.to(torch.float64)
+            else:
+                pairs = [self._group_mask(kind, i) for i in range(self.geometry.num_layers)]
+                masks = [m for m, _ in pairs]
+                self._counts[kind] = torch.stack([c for _, c in pairs])
+            for mask in masks:
+                if mask.requires_grad:
+                    mask.retain_grad()
+            self.active[kind] = masks
+
+    def deactivate(self) -> None:
+        """Hooks pass everything through (the dense model) until the next ``refresh``."""
+        self.active = None
+
+    def param_count(self, counter) -> Tensor:
+        """Differentiable parameter count of the masked model (after ``refresh``)."""
+        device = self.keep_ratios[self.targets[0]].device
+        geometry = self.geometry
+        units = self._counts.get("heads", torch.tensor(geometry.units, dtype=torch.float64, device=device))
+        channels = self._counts.get("channels", torch.tensor(geometry.channels, dtype=torch.float64, device=device))
+        layers = self._counts.get("layers", torch.ones(geometry.num_layers, dtype=torch.float64, device=device))
+        return counter.count_masked(layers, units.to(device), channels.to(device))
+
+    # ---- importance --------------------------------------------------------------------
+    def update_importance(self, beta: float = 0.99, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        """EMA of squared mask gradients (after ``backward``).
+
+        The score of an element is ``(dL/dm)^2``: for a kept element (m = 1) this is the
+        Taylor estimate of the loss change if it were removed; for a masked one (m = 0) it is
+        the estimate of the change if it came back, so masked elements can return. ``reduce``
+        sums the scores over data-parallel ranks so every rank keeps identical masks.
+        """
+        if not self.active:
+            return
+        entries = [
+            (kind, index, mask.grad)
+            for kind in self.targets
+            if kind not in self.frozen and not (kind == "layers" and self.layer_scores_external)
+            for index, mask in enumerate(self.active[kind])
+            if mask.grad is not None
+        ]
+        if not entries:
+            return
+        scores = torch.cat([grad.detach().float().pow(2).reshape(-1) for _, _, grad in entries])
+        if reduce is not None:
+            scores = reduce(scores)
+        offset = 0
+        for kind, index, grad in entries:
+            score = scores[offset : offset + grad.numel()].to(self.importance[kind][index].device)
+            offset += grad.numel()
+            self.importance[kind][index].mul_(beta).add_(score, alpha=1.0 - beta)
+
+    layer_scores_external = False
+
+    def set_layer_importance(self, scores: Tensor, beta: float = 0.0) -> None:
+        """Use measured layer scores (e.g. loss increase when skipped) as the layer importance."""
+        self.layer_scores_external = True
+        current = self.importance["layers"][0]
+        current.mul_(beta).add_(scores.to(current), alpha=1.0 - beta)
+
+    # ---- structure ---------------------------------------------------------------------
+    def hard_masks(self) -> dict[str, list[Tensor]]:
+        """0/1 masks of every group as the hard top-k of the current state."""
+        mode, self.mode = self.mode, "hard"
+        try:
+            with torch.no_grad():
+                result = {}
+                for kind in self.targets:
+                    count = 1 if kind == "layers" else self.geometry.num_layers
+                    result[kind] = [self._group_mask(kind, i)[0].detach() for i in range(count)]
+                return result
+        finally:
+            self.mode = mode
+
+    def architecture(self) -> Architecture:
+        """The architecture the hard masks select (what slicing would keep)."""
+        masks = self.hard_masks()
+        arch = Architecture.dense(self.geometry.units, self.geometry.channels)
+
+        def kept(mask: Tensor) -> list[int]:
+            return torch.nonzero(mask > 0.5).flatten().tolist()
+
+        return Architecture(
+            num_layers=arch.num_layers,
+            kept_layers=kept(masks["layers"][0]) if "layers" in masks else arch.kept_layers,
+            kept_units=[kept(m) for m in masks["heads"]] if "heads" in masks else arch.kept_units,
+            kept_channels=[kept(m) for m in masks["channels"]] if "channels" in masks else arch.kept_channels,
+            original_units=arch.original_units,
+            original_channels=arch.original_channels,
+        )
+
+    def counts(self, arch: Architecture | None = None) -> dict[str, list[int]]:
+        """Kept units/channels per original layer (of ``arch``, or of the current hard masks)."""
+        arch = arch or self.architecture()
+        return {"heads": [len(u) for u in arch.kept_units], "channels": [len(c) for c in arch.kept_channels]}
+
+    def margin(self, kind: str, layer: int, count: int) -> float:
+        """How strongly the learned keep ratio wants a group's ``count``-th most important element.
+
+        ``T * (e * N - count + 0.5)``: positive inside the learned keep set, negative outside;
+        this is the soft mask's logit for that element (see ``topk``).
+        """
+        if kind not in self.keep_ratios:
+            return float("inf")
+        size = len(self.importance[kind][layer])
+        ratio = float(self.ratio(kind, layer))
+        return self.temperatures[kind] * (ratio * size - count + 0.5)
+
+    def architecture_for(self, kept_layers: list[int], counts: dict[str, list[int]]) -> Architecture:
+        """Keep the ``counts`` most important elements of every group, and ``kept_layers``."""
+        base = Architecture.dense(self.geometry.units, self.geometry.channels)
+        kept: dict[str, list[list[int]]] = {"heads": base.kept_units, "channels": base.kept_channels}
+        for kind in ("heads", "channels"):
+            if kind not in self.targets:
+                continue
+            rows = []
+            for layer, importance in enumerate(self.importance[kind]):
+                count = torch.tensor([counts[kind][layer]], device=importance.device)
+                mask = hard_mask(importance.unsqueeze(0), count)[0]
+                if bool(mask.all()) and counts[kind][layer] < len(importance):  # uninformed group
+                    mask = (torch.arange(len(importance), device=importance.device) < count).float()
+                rows.append(torch.nonzero(mask > 0.5).flatten().tolist())
+            kept[kind] = rows
+        return Architecture(
+            num_layers=base.num_layers,
+            kept_layers=sorted(kept_layers),
+            kept_units=kept["heads"],
+            kept_channels=kept["channels"],
+            original_units=base.original_units,
+            original_channels=base.original_channels,
+        )
+
+    def set_keep_counts(self, counts: dict[str, list[int]]) -> None:
+        """Set the keep ratios so the hard masks keep exactly ``counts`` (``e = k / N``)."""
+        with torch.no_grad():
+            for kind in ("heads", "channels"):
+                if kind not in self.keep_ratios:
+                    continue
+                sizes = [len(imp) for imp in self.importance[kind]]
+                ratios = self.keep_ratios[kind]
+                values = [counts[kind][i] / sizes[i] for i in range(len(sizes))]
+                ratios.copy_(torch.tensor(values[: ratios.numel()], device=ratios.device))
+
+    def freeze(self, kind: str, arch: Architecture | None = None) -> None:
+        """Fix a kind's masks to hard 0/1 values (its keep ratios stop learning)."""
+        if kind not in self.targets:
+            return
+        arch = arch or self.architecture()
+        device = self.importance[kind][0].device
+        if kind == "layers":
+            mask = torch.zeros(self.geometry.num_layers, device=device)
+            mask[arch.kept_layers] = 1.0
+            self.frozen[kind] = [mask]
+            return
+        kept = arch.kept_units if kind == "heads" else arch.kept_channels
+        masks = []
+        for index, keep in enumerate(kept):
+            mask = torch.zeros(len(self.importance[kind][index]), device=device)
+            mask[keep] = 1.0
+            masks.append(mask)
+        self.frozen[kind] = masks
+
+    def unfreeze(self, kind: str) -> None:
+        self.frozen.pop(kind, None)
+
+    def set_architecture(self, arch: Architecture) -> None:
+        """Freeze every kind to ``arch`` (e.g. to evaluate or export a fixed structure)."""
+        for kind in self.targets:
+            self.freeze(kind, arch)
+
+    # ---- state (resume) ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {f"keep_ratio.{k}": v.detach().clone() for k, v in self.keep_ratios.items()}
+        for kind, groups in self.importance.items():
+            state.update({f"importance.{kind}.{i}": g.clone() for i, g in enumerate(groups)})
+        for kind, groups in self.frozen.items():
+            state.update({f"frozen.{kind}.{i}": g.clone() for i, g in enumerate(groups)})
+        state["layer_scores_external"] = torch.tensor(self.layer_scores_external)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for kind, ratios in self.keep_ratios.items():
+                ratios.copy_(state[f"keep_ratio.{kind}"])
+            for kind, groups in self.importance.items():
+                for i, group in enumerate(groups):
+                    group.copy_(state[f"importance.{kind}.{i}"])
+        self.frozen = {}
+        for kind in self.targets:
+            if f"frozen.{kind}.0" in state:
+                count = len(self.importance[kind])
+                self.frozen[kind] = [state[f"frozen.{kind}.{i}"].clone() for i in range(count)]
+        self.layer_scores_external = bool(state.get("layer_scores_external", torch.tensor(False)))

@@ -1,0 +1,95 @@
+"""The prune pipeline as one call: budget -> calibration -> masks -> search -> slice -> report.
+
+Example:
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> import dms_llm
+    >>> model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-2-7b-hf")     # doctest: +SKIP
+    >>> tokenizer = AutoTokenizer.from_pretrained("meta-llama/Llama-2-7b-hf")        # doctest: +SKIP
+    >>> config = dms_llm.PruneConfig(ratio=0.2)
+    >>> pruned, report = dms_llm.prune(model, tokenizer, config)                     # doctest: +SKIP
+    >>> dms_llm.save_pruned(pruned, tokenizer, "llama2-7b-dms20", report=report.to_dict())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from accelerate import Accelerator
+from torch import nn
+
+from .adapters import get_adapter
+from .budget import ParamCounter, resolve_budget
+from .config import PruneConfig
+from .data import CalibrationData, calibration_blocks
+from .evaluate import perplexity
+from .masks import MaskSet
+from .report import PruneReport
+from .search import search
+from .slicing import slice_model
+
+
+def prune(
+    model: nn.Module,
+    tokenizer,
+    config: PruneConfig | None = None,
+    *,
+    calibration: CalibrationData | None = None,
+    accelerator: Accelerator | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, PruneReport]:
+    """Prune ``model`` in place to the configured budget; returns (model, report)."""
+    config = (config or PruneConfig()).validate()
+    adapter = get_adapter(model.config)
+    geometry = adapter.geometry(model)
+    counter = ParamCounter.from_model(model, adapter)
+    budget = resolve_budget(counter, config.ratio, config.params, config.targets)
+    data = calibration or calibration_blocks(tokenizer, config.data, config.seed)
+    eval_seq_len = config.eval_seq_len or config.data.seq_len
+    evaluate = config.evaluate and data.heldout.numel() >= eval_seq_len
+    dense_ppl = perplexity(model, data.heldout, eval_seq_len) if evaluate else None
+
+    masks = MaskSet(
+        model,
+        targets=config.targets,
+        uniform=config.layout == "uniform",
+        temperatures={
+            "heads": config.search.temperature_heads,
+            "channels": config.search.temperature_channels,
+            "layers": config.search.temperature_layers,
+        },
+        adapter=adapter,
+    )
+    try:
+        result = search(
+            model, masks, counter, budget, data.calib, config.search,
+            seed=config.seed, accelerator=accelerator, progress=progress,
+        )
+    finally:
+        masks.remove()
+    slice_model(model, result.architecture, config.layout, adapter)
+
+    params_after = sum(p.numel() for p in model.parameters())
+    if params_after != result.params:  # the accounting invariant; a bug if it ever fires
+        raise RuntimeError(f"sliced model has {params_after} parameters, the budget accounting said {result.params}")
+    embedding = counter.embedding
+    report = PruneReport.build(
+        model_name=str(getattr(model.config, "_name_or_path", "") or "model"),
+        model_type=adapter.model_type,
+        layout=config.layout,
+        counter=counter,
+        budget=budget,
+        arch=result.architecture,
+        params_after=params_after,
+        non_embedding_after=params_after - embedding,
+        group_size=geometry.group_size,
+        settings=config.to_dict(),
+        search=result.summary(),
+    )
+    report.settings["calibration_blocks"] = int(data.calib.shape[0])
+    if evaluate:
+        report.perplexity = {
+            "source": data.source,
+            "seq_len": eval_seq_len,
+            "dense": dense_ppl,
+            "pruned": perplexity(model, data.heldout, eval_seq_len),
+            "tokens": int(data.heldout.numel()),
+        }
+    return model, report
