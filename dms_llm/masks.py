@@ -67,6 +67,16 @@ class MaskSet:
             groups = 1 if (uniform or kind == "layers") else num_layers
             self.keep_ratios[kind] = nn.Parameter(torch.ones(groups, device=device))
             self.importance[kind] = [torch.zeros(n, device=device) for n in sizes[kind]]
+        # uniform layout: head counts the family's stock config can be saved with
+        self.allowed_units: list[int] | None = None
+        if uniform and "heads" in self.targets:
+            from .slicing import stock_config_accepts
+
+            g = self.geometry
+            self.allowed_units = [
+                k for k in range(1, g.units[0] + 1)
+                if stock_config_accepts(model.config, k, g.channels[0], g.group_size, g.head_dim)
+            ]
         self.frozen: dict[str, list[Tensor]] = {}
         self.active: dict[str, list[Tensor]] | None = None
         self._counts: dict[str, Tensor] = {}
@@ -266,7 +276,7 @@ class MaskSet:
         if kind not in self.keep_ratios:
             return float("inf")
         size = len(self.importance[kind][layer])
-        ratio = float(self.ratio(kind, layer))
+        ratio = self.ratio(kind, layer).detach().item()
         return self.temperatures[kind] * (ratio * size - count + 0.5)
 
     def architecture_for(self, kept_layers: list[int], counts: dict[str, list[int]]) -> Architecture:

@@ -52,8 +52,13 @@ def fit_counts(
     margin: Margin,
     adjustable: Sequence[str],
     uniform: bool = False,
+    allowed_units: Sequence[int] | None = None,
 ) -> dict[str, list[int]] | None:
-    """Counts at or under ``budget.target`` (and above its floor where possible), or None."""
+    """Counts at or under ``budget.target`` (and above its floor where possible), or None.
+
+    ``allowed_units`` (uniform layout) restricts the shared attention-unit count to the values
+    the family's stock config accepts.
+    """
     counts = {kind: list(values) for kind, values in counts.items()}
     kinds = [k for k in ("channels", "heads") if k in adjustable]
     params = count_params(counter, kept_layers, counts)
@@ -69,7 +74,7 @@ def fit_counts(
         return sorted(result)
 
     if uniform:
-        return _fit_uniform(counter, budget, kept_layers, counts, kinds, params)
+        return _fit_uniform(counter, budget, kept_layers, counts, kinds, params, allowed_units)
     for kind in kinds:
         while params > budget.target:
             options = candidates(kind, removing=True)
@@ -102,6 +107,7 @@ def _fit_uniform(
     counts: dict[str, list[int]],
     kinds: Sequence[str],
     params: int,
+    allowed_units: Sequence[int] | None = None,
 ) -> dict[str, list[int]] | None:
     """The same landing with one shared count per kind (every kept layer moves together)."""
 
@@ -111,18 +117,28 @@ def _fit_uniform(
     def shared(kind: str) -> int:
         return counts[kind][kept_layers[0]]
 
-    def set_shared(kind: str, value: int) -> None:
+    def neighbour(kind: str, down: bool) -> int | None:
+        current = shared(kind)
+        size = min(_size(counter, kind, layer) for layer in kept_layers)
+        options = allowed_units if (kind == "heads" and allowed_units) else range(1, size + 1)
+        options = [k for k in options if (k < current if down else current < k <= size)]
+        if not options:
+            return None
+        return max(options) if down else min(options)
+
+    def move(kind: str, value: int) -> int:
+        delta = (value - shared(kind)) * step_cost(kind)
         counts[kind] = [value] * len(counts[kind])
+        return delta
 
     for kind in kinds:
-        while params > budget.target and shared(kind) > 1:
-            set_shared(kind, shared(kind) - 1)
-            params -= step_cost(kind)
+        while params > budget.target and (lower := neighbour(kind, down=True)) is not None:
+            params += move(kind, lower)
     if params > budget.target:
         return None
     for kind in kinds:
-        size = min(_size(counter, kind, layer) for layer in kept_layers)
-        while params < budget.floor and shared(kind) < size and params + step_cost(kind) <= budget.target:
-            set_shared(kind, shared(kind) + 1)
-            params += step_cost(kind)
+        while params < budget.floor and (higher := neighbour(kind, down=False)) is not None:
+            if params + (higher - shared(kind)) * step_cost(kind) > budget.target:
+                break
+            params += move(kind, higher)
     return counts

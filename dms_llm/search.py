@@ -113,9 +113,41 @@ def land(masks: MaskSet, counter: ParamCounter, budget: Budget, arch: Architectu
     """``arch`` with heads/channels adjusted (layers kept) to land on the budget, or None."""
     adjustable = [k for k in ("channels", "heads") if k in masks.targets and k not in masks.frozen]
     counts = fit_counts(
-        counter, budget, arch.kept_layers, masks.counts(arch), masks.margin, adjustable, uniform=masks.uniform
+        counter, budget, arch.kept_layers, masks.counts(arch), masks.margin, adjustable,
+        uniform=masks.uniform, allowed_units=masks.allowed_units,
     )
     return None if counts is None else masks.architecture_for(arch.kept_layers, counts)
+
+
+def snap_uniform_heads(
+    model: nn.Module, masks: MaskSet, counter: ParamCounter, budget: Budget, blocks: torch.Tensor,
+    arch: Architecture,
+) -> Architecture:
+    """Uniform layout: move the shared head count to the nearest value the stock config accepts.
+
+    Both neighbours are landed on the budget (channels absorb the difference) and the one with
+    the lower calibration loss wins.
+    """
+    allowed = masks.allowed_units
+    current = arch.unit_counts()[0]
+    if not allowed or current in allowed:
+        return arch
+    best, best_loss = arch, float("inf")
+    for value in (max([a for a in allowed if a < current], default=None), min([a for a in allowed if a > current],
+                                                                              default=None)):
+        if value is None:
+            continue
+        counts = masks.counts(arch)
+        counts["heads"] = [value] * len(counts["heads"])
+        fitted = fit_counts(counter, budget, arch.kept_layers, counts, masks.margin,
+                            [k for k in ("channels",) if k in masks.targets], uniform=True)
+        if fitted is None:
+            continue
+        candidate = masks.architecture_for(arch.kept_layers, fitted)
+        loss = _hard_loss(model, masks, blocks, candidate)
+        if loss < best_loss:
+            best, best_loss = candidate, loss
+    return best
 
 
 def guard_layers(
@@ -183,6 +215,7 @@ def search(
                 guard_layers(model, masks, counter, budget, score_blocks)
                 if "layers" in masks.targets else (masks.architecture(), [])
             )
+            arch = snap_uniform_heads(model, masks, counter, budget, score_blocks, arch)
             masks.set_keep_counts(masks.counts(arch))
             masks.freeze("layers", arch)
             masks.freeze("heads", arch)
@@ -206,11 +239,13 @@ def search(
         optimizer.zero_grad(set_to_none=True)
         masks.clamp_()
         masks.deactivate()
-        record = {"step": step, "loss": round(loss.item(), 5), "task_loss": round(task_loss.item(), 5),
-                  "params": int(round(params.item())), "target": int(target)}
+        record = {"step": step, "loss": round(loss.detach().item(), 5), "task_loss": round(task_loss.detach().item(), 5),
+                  "params": int(round(params.detach().item())), "target": int(target)}
         result.history.append(record)
         bar.set_postfix_str(_postfix(masks, record))
-    arch = masks.architecture()
+    arch = snap_uniform_heads(model, masks, counter, budget, score_blocks, masks.architecture())
+    if masks.allowed_units and "heads" not in masks.frozen:
+        masks.freeze("heads", arch)  # keep the snapped (stock-loadable) head count while landing
     landed = land(masks, counter, budget, arch)
     while landed is None:  # too many layers kept to fit: drop the least important and retry
         scores = masks.importance["layers"][0] if "layers" in masks.targets else None

@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -76,6 +78,14 @@ def slice_model(
         raise DMSError(f"unknown layout {layout!r}; use 'per_layer' or 'uniform'")
     if layout == "uniform" and not arch.is_uniform:
         raise DMSError("--layout uniform needs the same kept heads and channels in every layer")
+    if layout == "uniform" and not stock_config_accepts(
+        model.config, arch.unit_counts()[0], arch.channel_counts()[0], geometry.group_size, geometry.head_dim
+    ):
+        raise DMSError(
+            f"--layout uniform: {arch.unit_counts()[0] * geometry.group_size} attention heads cannot be saved as a "
+            f"stock {type(model.config).__name__} by this transformers version (it needs hidden_size divisible by "
+            "the head count); use the per_layer layout or another head count"
+        )
     q_width = geometry.group_size * geometry.head_dim
     layers = adapter.decoder_layers(model)
     with torch.no_grad():
@@ -107,6 +117,23 @@ def slice_model(
     return model
 
 
+def stock_config_accepts(config, units: int, channels: int, group_size: int, head_dim: int) -> bool:
+    """Whether the family's own config class accepts these uniform sizes.
+
+    transformers 5's ``LlamaConfig`` rejects ``hidden_size % num_attention_heads != 0`` even with
+    an explicit ``head_dim`` (transformers issue #46082), so some head counts cannot be saved as a
+    stock Llama config; they are written in the per-layer format instead.
+    """
+    trial = copy.deepcopy(config)
+    trial.num_key_value_heads, trial.num_attention_heads = units, units * group_size
+    trial.intermediate_size, trial.head_dim = channels, head_dim
+    try:
+        type(config).from_dict(trial.to_dict())
+    except Exception:  # any validation error means "not loadable as a stock config"
+        return False
+    return True
+
+
 def _fix_config(model: nn.Module, arch: Architecture, adapter: FamilyAdapter, group_size: int, head_dim: int) -> None:
     config = model.config
     for name in adapter.per_layer_config_lists:
@@ -116,16 +143,19 @@ def _fix_config(model: nn.Module, arch: Architecture, adapter: FamilyAdapter, gr
     units, channels = arch.unit_counts(), arch.channel_counts()
     config.num_hidden_layers = len(arch.kept_layers)
     config.head_dim = head_dim
-    config.num_key_value_heads = max(units)
-    config.num_attention_heads = max(units) * group_size
-    config.intermediate_size = max(channels)
-    if arch.is_uniform:
+    stock = arch.is_uniform and stock_config_accepts(config, units[0], channels[0], group_size, head_dim)
+    if stock:
+        config.num_key_value_heads = units[0]
+        config.num_attention_heads = units[0] * group_size
+        config.intermediate_size = channels[0]
         for stale in ("dms_layer_shapes", "auto_map"):
             if hasattr(config, stale):
                 delattr(config, stale)
         if type(model) in PRUNED_CLASSES.values():
             model.__class__ = type(model).__mro__[1]  # back to the stock family class
         return
+    # Per-layer format: the config keeps its original (valid) head counts and MLP width as the
+    # base the modeling file builds before resizing each layer to its ``dms_layer_shapes`` entry.
     config.dms_layer_shapes = [
         {"num_key_value_heads": u, "intermediate_size": c} for u, c in zip(units, channels)
     ]

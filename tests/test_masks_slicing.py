@@ -34,12 +34,16 @@ def randomize(masks: MaskSet, seed: int, layer_ratio: float = 0.6) -> None:
                 ratios.copy_(0.15 + 0.8 * torch.rand(ratios.shape, generator=generator))
 
 
-def check_masked_equals_sliced(model: torch.nn.Module, targets: list[str], seed: int, uniform: bool = False):
+def check_masked_equals_sliced(
+    model: torch.nn.Module, targets: list[str], seed: int, uniform: bool = False, ratios: dict | None = None
+):
     tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
     masks = MaskSet(model, targets=targets, uniform=uniform)
     counter = ParamCounter.from_model(model, masks.adapter)
     assert counter.total == sum(p.numel() for p in model.parameters())
     randomize(masks, seed)
+    for kind, value in (ratios or {}).items():
+        masks.keep_ratios[kind].data.fill_(value)
     masks.mode = "straight_through"
     masks.refresh()
     with torch.no_grad():
@@ -92,7 +96,8 @@ def test_masked_equals_sliced_exactly_in_float64(family, stories):
 
 def test_uniform_layout_gives_a_stock_config(stories):
     model, _ = stories
-    arch = check_masked_equals_sliced(model, ["heads", "channels", "layers"], seed=7, uniform=True)
+    arch = check_masked_equals_sliced(model, ["heads", "channels", "layers"], seed=7, uniform=True,
+                                      ratios={"heads": 0.5})
     assert arch.is_uniform
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.num_key_value_heads == arch.unit_counts()[0]
@@ -100,6 +105,19 @@ def test_uniform_layout_gives_a_stock_config(stories):
     assert model.config.intermediate_size == arch.channel_counts()[0]
     assert model.config.num_hidden_layers == len(arch.kept_layers)
     assert not hasattr(model.config, "dms_layer_shapes")
+
+
+def test_uniform_head_counts_are_limited_to_what_the_stock_config_loads(stories):
+    model, _ = stories
+    # transformers 5's LlamaConfig needs hidden_size (64) divisible by the query heads (2 per unit)
+    assert MaskSet(model, uniform=True).allowed_units == [1, 2, 4]
+    arch = Architecture.dense([4] * 5, [172] * 5)
+    three_units = Architecture(**{**arch.to_dict(), "kept_units": [[0, 1, 3]] * 5})
+    with pytest.raises(DMSError, match="cannot be saved as a stock LlamaConfig"):
+        slice_model(model, three_units, layout="uniform")
+    slice_model(model, three_units, layout="per_layer")  # falls back to the per-layer format
+    assert model.config.dms_layer_shapes[0] == {"num_key_value_heads": 3, "intermediate_size": 172}
+    assert model.config.num_attention_heads == 8  # the valid base the modeling file resizes from
 
 
 def test_removing_masks_restores_the_exact_original_model():
