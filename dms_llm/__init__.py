@@ -23,7 +23,7 @@ from .evaluate import perplexity
 from .masks import MaskSet
 from .pipeline import prune
 from .report import PruneReport
-from .search import SearchResult, search
+from .search_loop import SearchResult, search
 from .slicing import slice_model
 
 __all__ = [

@@ -87,8 +87,7 @@ class ParamCounter:
     def count(self, arch: Architecture) -> int:
         """Exact parameter count of the model an architecture slices to."""
         return self.outside_layers + sum(
-            self.layers[i].params(len(arch.kept_units[i]), len(arch.kept_channels[i]))
-            for i in arch.kept_layers
+            self.layers[i].params(len(arch.kept_units[i]), len(arch.kept_channels[i])) for i in arch.kept_layers
         )
 
     def count_masked(self, layer_keep: Tensor, units: Tensor, channels: Tensor) -> Tensor:
@@ -106,9 +105,7 @@ class ParamCounter:
 
     def minimum(self, prune_layers: bool, prune_heads: bool, prune_channels: bool) -> int:
         """The smallest model reachable: one unit/channel per layer, one layer if layers prune."""
-        per_layer = [
-            c.params(1 if prune_heads else c.units, 1 if prune_channels else c.channels) for c in self.layers
-        ]
+        per_layer = [c.params(1 if prune_heads else c.units, 1 if prune_channels else c.channels) for c in self.layers]
         kept = min(per_layer) if prune_layers else sum(per_layer)
         return self.outside_layers + kept
 

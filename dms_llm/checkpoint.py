@@ -69,6 +69,19 @@ def load_config(name_or_path: str):
         raise DMSError(f"could not load the config of {name_or_path!r}: {first}") from None
 
 
+def empty_model(config) -> nn.Module:
+    """The model a config describes, on the meta device: exact shapes, no memory, no weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .modeling_dms_pruned import PRUNED_CLASSES
+
+    with init_empty_weights():
+        if getattr(config, "dms_layer_shapes", None):
+            return PRUNED_CLASSES[config.model_type](config)
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", device_map: str | None = None):
     """(model, tokenizer) for pruning: a Llama-family causal LM from a folder or the Hub."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

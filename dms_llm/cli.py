@@ -77,8 +77,8 @@ def _prune_config(args: argparse.Namespace):
     if "ratio" in flags and "params" in flags:
         raise DMSError("give either --ratio or --params, not both")
     if "params" in flags:
-        flags["ratio"] = None
-    if "ratio" in flags:
+        flags["ratio"] = None  # an absolute target replaces the recipe's ratio
+    elif "ratio" in flags:
         flags["params"] = None
     if args.gradient_checkpointing:
         flags["search.gradient_checkpointing"] = True
@@ -95,14 +95,11 @@ def _default_output(model: str, config) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .checkpoint import check_output_dir, load_config, save_pruned
+    from .checkpoint import check_output_dir, save_pruned
 
     config = _prune_config(args)
     output_dir = check_output_dir(args.output_dir or _default_output(args.model, config), args.overwrite)
-    from .adapters import get_adapter
-
-    get_adapter(load_config(args.model))  # architecture check before loading any weights
-    _check_text_source(config.data.calib)
+    _check_before_loading(args.model, config)
 
     from rich.console import Console
 
@@ -110,6 +107,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import prune
 
     console = Console()
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     console.print(f"loading {args.model} ...")
     model, tokenizer = load_model(args.model, dtype=config.dtype, device=config.device)
     model, report = prune(model, tokenizer, config, progress=not args.quiet)
@@ -119,6 +120,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     sys.stdout.write(report.render(width=max(console.width, 100)))
     print(f"saved to {output_dir}")
     return 0
+
+
+def _check_before_loading(model: str, config) -> None:
+    """Architecture, budget and calibration file checks that need no weights (fail in seconds)."""
+    from .adapters import get_adapter
+    from .budget import ParamCounter, resolve_budget
+    from .checkpoint import empty_model, load_config
+
+    model_config = load_config(model)
+    adapter = get_adapter(model_config)
+    counter = ParamCounter.from_model(empty_model(model_config), adapter)
+    resolve_budget(counter, config.ratio, config.params, config.targets)
+    _check_text_source(config.data.calib)
 
 
 def _check_text_source(source: str) -> None:

@@ -197,8 +197,10 @@ def apply_overrides(config: PruneConfig, overrides: list[str]) -> PruneConfig:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise DMSError(f"unknown setting {key!r}." + did_you_mean(part, [k for k, v in node.items()
-                                                                                  if isinstance(v, dict)]))
+                raise DMSError(
+                    f"unknown setting {key!r}."
+                    + did_you_mean(part, [k for k, v in node.items() if isinstance(v, dict)])
+                )
             node = node[part]
         if parts[-1] not in node:
             raise DMSError(f"unknown setting {key!r}." + did_you_mean(parts[-1], node))

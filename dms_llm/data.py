@@ -51,7 +51,10 @@ NAMED_SOURCES: dict[str, NamedSource] = {
     ),
     # the script-based dataset, read from the Hub's automatic Parquet conversion
     "ptb": NamedSource(
-        "ptb-text-only/ptb_text_only", "penn_treebank", field="sentence", separator=" ",
+        "ptb-text-only/ptb_text_only",
+        "penn_treebank",
+        field="sentence",
+        separator=" ",
         revision="refs/convert/parquet",
     ),
     "alpaca": NamedSource("yahma/alpaca-cleaned", instruction=True, splits=(("train", "train"),) * 3),
@@ -88,7 +91,8 @@ def _read_local(path: Path, field: str) -> tuple[list[str], str]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError:
-                        raise DMSError(f"{path} line {number} is not valid JSON (expected one object per line)") from None
+                        message = f"{path} line {number} is not valid JSON (expected one object per line)"
+                        raise DMSError(message) from None
         return _rows_text(rows, field, str(path)), "\n\n"
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -113,9 +117,11 @@ def _read_named(name: str, role: str) -> tuple[list[str], str]:
             f"could not load dataset {name!r} ({source.path}, split {split}): {first}. "
             "Offline? Pass a local .txt/.jsonl/.parquet file instead."
         ) from None
-    texts = _rows_text(rows.to_list(), source.field, name) if not source.instruction else [
-        format_instruction(r) for r in rows.to_list()
-    ]
+    texts = (
+        _rows_text(rows.to_list(), source.field, name)
+        if not source.instruction
+        else [format_instruction(r) for r in rows.to_list()]
+    )
     return texts, source.separator
 
 

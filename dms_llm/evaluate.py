@@ -36,9 +36,7 @@ def block_nll(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progr
     for start in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
         batch = blocks[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total += float(nll)
         count += batch[:, 1:].numel()
     return total, count

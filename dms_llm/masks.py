@@ -74,7 +74,8 @@ class MaskSet:
 
             g = self.geometry
             self.allowed_units = [
-                k for k in range(1, g.units[0] + 1)
+                k
+                for k in range(1, g.units[0] + 1)
                 if stock_config_accepts(model.config, k, g.channels[0], g.group_size, g.head_dim)
             ]
         self.frozen: dict[str, list[Tensor]] = {}

@@ -22,7 +22,7 @@ from .data import CalibrationData, calibration_blocks
 from .evaluate import perplexity
 from .masks import MaskSet
 from .report import PruneReport
-from .search import search
+from .search_loop import search
 from .slicing import slice_model
 
 
@@ -59,8 +59,15 @@ def prune(
     )
     try:
         result = search(
-            model, masks, counter, budget, data.calib, config.search,
-            seed=config.seed, accelerator=accelerator, progress=progress,
+            model,
+            masks,
+            counter,
+            budget,
+            data.calib,
+            config.search,
+            seed=config.seed,
+            accelerator=accelerator,
+            progress=progress,
         )
     finally:
         masks.remove()

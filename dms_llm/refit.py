@@ -7,7 +7,9 @@ granularity allows, no more than ``BUDGET_TOLERANCE`` of the original size below
 - over the target: remove one element from the layer whose count sits furthest above what its
   learned keep ratio asks for (the smallest margin ``T * (e * N - k + 0.5)``, i.e. the
   least-secure kept element), channels first (finest grain), then attention units;
-- under the floor: add back the most-wanted missing element that still fits.
+- under the floor: add back the most-wanted missing element that still fits;
+- still under the floor (e.g. channels full and one attention unit too big for the room left):
+  add the most-wanted unit anyway and trim channels back under the target.
 
 Within a layer, elements are always kept in importance order, so a count is an architecture.
 Layers are never changed here; the layer guard in ``search`` decides those.
@@ -56,89 +58,77 @@ def fit_counts(
 ) -> dict[str, list[int]] | None:
     """Counts at or under ``budget.target`` (and above its floor where possible), or None.
 
-    ``allowed_units`` (uniform layout) restricts the shared attention-unit count to the values
-    the family's stock config accepts.
+    ``uniform`` moves one shared count per kind; ``allowed_units`` then restricts the shared
+    attention-unit count to the values the family's stock config accepts.
     """
-    counts = {kind: list(values) for kind, values in counts.items()}
+    landing = _Landing(counter, kept_layers, counts, margin, uniform, allowed_units)
     kinds = [k for k in ("channels", "heads") if k in adjustable]
-    params = count_params(counter, kept_layers, counts)
-
-    def candidates(kind: str, removing: bool) -> list[tuple[float, int]]:
-        result = []
-        for layer in kept_layers:
-            k = counts[kind][layer]
-            if removing and k > 1:
-                result.append((margin(kind, layer, k), layer))
-            if not removing and k < _size(counter, kind, layer):
-                result.append((-margin(kind, layer, k + 1), layer))
-        return sorted(result)
-
-    if uniform:
-        return _fit_uniform(counter, budget, kept_layers, counts, kinds, params, allowed_units)
+    if not landing.trim(kinds, budget.target):
+        return None
     for kind in kinds:
-        while params > budget.target:
-            options = candidates(kind, removing=True)
+        while landing.params < budget.floor and landing.grow(kind, budget.target):
+            pass
+    if landing.params < budget.floor and "channels" in kinds and "heads" in kinds:
+        landing.swap_in_unit(budget)
+    return landing.counts
+
+
+class _Landing:
+    """Kept counts under adjustment; a move is +-1 in one layer, or one shared step if uniform."""
+
+    def __init__(self, counter, kept_layers, counts, margin, uniform, allowed_units):
+        self.counter, self.kept, self.margin = counter, list(kept_layers), margin
+        self.uniform, self.allowed = uniform, list(allowed_units or [])
+        self.counts = {kind: list(values) for kind, values in counts.items()}
+        self.params = count_params(counter, kept_layers, self.counts)
+
+    def _moves(self, kind: str, down: bool) -> list[tuple[float, list[int], int]]:
+        """Possible moves of a kind, best first: (priority, layers, new count)."""
+        if self.uniform:
+            current = self.counts[kind][self.kept[0]]
+            size = min(_size(self.counter, kind, layer) for layer in self.kept)
+            options = self.allowed if (kind == "heads" and self.allowed) else range(1, size + 1)
+            options = [k for k in options if (k < current if down else current < k <= size)]
             if not options:
-                break
-            layer = options[0][1]
-            counts[kind][layer] -= 1
-            params -= _cost(counter, kind, layer)
-    if params > budget.target:
-        return None
-    for kind in kinds:
-        while params < budget.floor:
-            fitting = [
-                (score, layer)
-                for score, layer in candidates(kind, removing=False)
-                if params + _cost(counter, kind, layer) <= budget.target
-            ]
-            if not fitting:
-                break
-            layer = fitting[0][1]
-            counts[kind][layer] += 1
-            params += _cost(counter, kind, layer)
-    return counts
+                return []
+            return [(0.0, self.kept, max(options) if down else min(options))]
+        moves = []
+        for layer in self.kept:
+            k = self.counts[kind][layer]
+            if down and k > 1:
+                moves.append((self.margin(kind, layer, k), [layer], k - 1))
+            if not down and k < _size(self.counter, kind, layer):
+                moves.append((-self.margin(kind, layer, k + 1), [layer], k + 1))
+        return sorted(moves, key=lambda move: move[0])
 
+    def _cost(self, kind: str, layers: list[int], value: int) -> int:
+        return sum((value - self.counts[kind][layer]) * _cost(self.counter, kind, layer) for layer in layers)
 
-def _fit_uniform(
-    counter: ParamCounter,
-    budget: Budget,
-    kept_layers: Sequence[int],
-    counts: dict[str, list[int]],
-    kinds: Sequence[str],
-    params: int,
-    allowed_units: Sequence[int] | None = None,
-) -> dict[str, list[int]] | None:
-    """The same landing with one shared count per kind (every kept layer moves together)."""
+    def _apply(self, kind: str, layers: list[int], value: int) -> None:
+        self.params += self._cost(kind, layers, value)
+        for layer in layers:
+            self.counts[kind][layer] = value
 
-    def step_cost(kind: str) -> int:
-        return sum(_cost(counter, kind, layer) for layer in kept_layers)
+    def trim(self, kinds: Sequence[str], target: int) -> bool:
+        """Remove least-wanted elements, finest kind first, until at or under ``target``."""
+        for kind in kinds:
+            while self.params > target and (moves := self._moves(kind, down=True)):
+                self._apply(kind, *moves[0][1:])
+        return self.params <= target
 
-    def shared(kind: str) -> int:
-        return counts[kind][kept_layers[0]]
+    def grow(self, kind: str, target: int) -> bool:
+        """Add the most-wanted element of a kind that still fits under ``target``."""
+        for _, layers, value in self._moves(kind, down=False):
+            if self.params + self._cost(kind, layers, value) <= target:
+                self._apply(kind, layers, value)
+                return True
+        return False
 
-    def neighbour(kind: str, down: bool) -> int | None:
-        current = shared(kind)
-        size = min(_size(counter, kind, layer) for layer in kept_layers)
-        options = allowed_units if (kind == "heads" and allowed_units) else range(1, size + 1)
-        options = [k for k in options if (k < current if down else current < k <= size)]
-        if not options:
-            return None
-        return max(options) if down else min(options)
-
-    def move(kind: str, value: int) -> int:
-        delta = (value - shared(kind)) * step_cost(kind)
-        counts[kind] = [value] * len(counts[kind])
-        return delta
-
-    for kind in kinds:
-        while params > budget.target and (lower := neighbour(kind, down=True)) is not None:
-            params += move(kind, lower)
-    if params > budget.target:
-        return None
-    for kind in kinds:
-        while params < budget.floor and (higher := neighbour(kind, down=False)) is not None:
-            if params + (higher - shared(kind)) * step_cost(kind) > budget.target:
-                break
-            params += move(kind, higher)
-    return counts
+    def swap_in_unit(self, budget: Budget) -> None:
+        """Add an attention unit that does not fit, then trim channels back under the target."""
+        for _, layers, value in self._moves("heads", down=False):
+            saved = ({k: list(v) for k, v in self.counts.items()}, self.params)
+            self._apply("heads", layers, value)
+            if self.trim(["channels"], budget.target) and self.params >= budget.floor:
+                return
+            self.counts, self.params = saved

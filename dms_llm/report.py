@@ -63,16 +63,18 @@ class PruneReport:
         for index in range(arch.num_layers):
             kept = index in arch.kept_layers
             units = len(arch.kept_units[index]) if kept else 0
-            layers.append({
-                "layer": index,
-                "kept": kept,
-                "kv_heads": units,
-                "q_heads": units * group_size,
-                "of_kv_heads": arch.original_units[index],
-                "of_q_heads": arch.original_units[index] * group_size,
-                "channels": len(arch.kept_channels[index]) if kept else 0,
-                "of_channels": arch.original_channels[index],
-            })
+            layers.append(
+                {
+                    "layer": index,
+                    "kept": kept,
+                    "kv_heads": units,
+                    "q_heads": units * group_size,
+                    "of_kv_heads": arch.original_units[index],
+                    "of_q_heads": arch.original_units[index] * group_size,
+                    "channels": len(arch.kept_channels[index]) if kept else 0,
+                    "of_channels": arch.original_channels[index],
+                }
+            )
         params = {
             "before": counter.total,
             "after": params_after,
@@ -105,7 +107,8 @@ class PruneReport:
         for row in self.layers:
             if row["kept"]:
                 table.add_row(
-                    str(row["layer"]), "yes",
+                    str(row["layer"]),
+                    "yes",
                     f"{row['kv_heads']}/{row['of_kv_heads']}",
                     f"{row['q_heads']}/{row['of_q_heads']}",
                     f"{row['channels']}/{row['of_channels']}",

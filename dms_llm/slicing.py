@@ -156,9 +156,7 @@ def _fix_config(model: nn.Module, arch: Architecture, adapter: FamilyAdapter, gr
         return
     # Per-layer format: the config keeps its original (valid) head counts and MLP width as the
     # base the modeling file builds before resizing each layer to its ``dms_layer_shapes`` entry.
-    config.dms_layer_shapes = [
-        {"num_key_value_heads": u, "intermediate_size": c} for u, c in zip(units, channels)
-    ]
+    config.dms_layer_shapes = [{"num_key_value_heads": u, "intermediate_size": c} for u, c in zip(units, channels)]
     pruned_class = PRUNED_CLASSES[adapter.model_type]
     config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{pruned_class.__name__}"}
     # the in-memory model becomes the class that will load it, so save_pretrained records it

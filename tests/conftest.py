@@ -25,8 +25,11 @@ FAMILIES = {
     # name: (config class, model class, extra config)
     "llama_mha": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 8}),
     "llama_gqa": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2}),
-    "llama_bias": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 4, "attention_bias": True,
-                                                        "mlp_bias": True}),
+    "llama_bias": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True},
+    ),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 2, "sliding_window": 8}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 4}),
 }

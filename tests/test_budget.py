@@ -17,8 +17,17 @@ def counter_of(model):
     return ParamCounter.from_model(model, get_adapter(model.config))
 
 
-@pytest.mark.parametrize("text,value", [("5.4B", 5_400_000_000), ("250M", 250_000_000), ("180K", 180_000),
-                                        ("180000", 180_000), ("1.5e3", 1500), (2000, 2000)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("5.4B", 5_400_000_000),
+        ("250M", 250_000_000),
+        ("180K", 180_000),
+        ("180000", 180_000),
+        ("1.5e3", 1500),
+        (2000, 2000),
+    ],
+)
 def test_parse_param_count(text, value):
     assert parse_param_count(text) == value
 
@@ -100,8 +109,9 @@ def test_fit_lands_at_or_under_the_target_within_tolerance(stories, uniform, rat
         masks.keep_ratios["heads"].fill_(0.9)
         masks.keep_ratios["channels"].fill_(0.95)  # far over the target: the fit must cut
     arch = masks.architecture()
-    counts = fit_counts(counter, budget, arch.kept_layers, masks.counts(arch), masks.margin,
-                        ["channels", "heads"], uniform=uniform)
+    counts = fit_counts(
+        counter, budget, arch.kept_layers, masks.counts(arch), masks.margin, ["channels", "heads"], uniform=uniform
+    )
     params = count_params(counter, arch.kept_layers, counts)
     assert budget.floor <= params <= budget.target
     landed = masks.architecture_for(arch.kept_layers, counts)

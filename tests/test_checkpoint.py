@@ -21,9 +21,14 @@ TOKENS = torch.tensor([[1, 5, 9, 33, 2, 77, 12, 8, 100, 3]])
 
 def per_layer_arch(units=2, channels=96, layers=4) -> Architecture:
     arch = Architecture.dense([units] * layers, [channels] * layers)
-    return Architecture(**{**arch.to_dict(), "kept_layers": [0, 1, 3],
-                           "kept_units": [[1], [0, 1], [0], [0]],
-                           "kept_channels": [list(range(0, 96, 2)), list(range(70)), [1], list(range(5, 96))]})
+    return Architecture(
+        **{
+            **arch.to_dict(),
+            "kept_layers": [0, 1, 3],
+            "kept_units": [[1], [0, 1], [0], [0]],
+            "kept_channels": [list(range(0, 96, 2)), list(range(70)), [1], list(range(5, 96))],
+        }
+    )
 
 
 def logits(model, tokens=TOKENS):
@@ -36,8 +41,9 @@ def run_fresh_python(code: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     guard = "import sys\nassert 'dms_llm' not in sys.modules\n"
     check = "\nassert 'dms_llm' not in sys.modules, 'dms_llm was imported'\n"
-    result = subprocess.run([sys.executable, "-c", guard + textwrap.dedent(code) + check],
-                            capture_output=True, text=True, env=env, cwd="/")
+    result = subprocess.run(
+        [sys.executable, "-c", guard + textwrap.dedent(code) + check], capture_output=True, text=True, env=env, cwd="/"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -49,7 +55,12 @@ def test_per_layer_round_trip_gives_identical_logits(tmp_path, family):
     expected = logits(model)
     out = save_pruned(model, None, tmp_path / "pruned", report={"hello": 1})
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "modeling_dms_pruned.py", "report.json"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "modeling_dms_pruned.py",
+        "report.json",
+    ]
     loaded = load_pruned(out)
     assert type(loaded).__name__ == type(model).__name__
     assert torch.equal(logits(loaded), expected)
@@ -63,10 +74,10 @@ def test_per_layer_loads_with_trust_remote_code_without_dms_llm(tmp_path):
     out = run_fresh_python(f"""
         import torch
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'pruned')!r}, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "pruned")!r}, trust_remote_code=True)
         with torch.no_grad():
             got = model(torch.tensor({TOKENS.tolist()})).logits
-        assert torch.equal(got, torch.load({str(tmp_path / 'expected.pt')!r})), "logits differ"
+        assert torch.equal(got, torch.load({str(tmp_path / "expected.pt")!r})), "logits differ"
         print(type(model).__name__, [l.mlp.down_proj.in_features for l in model.model.layers])
     """)
     assert out.split() == ["DMSLlamaForCausalLM", "[48,", "70,", "91]"]
@@ -79,7 +90,7 @@ def test_per_layer_without_trust_remote_code_fails_loudly(tmp_path):
     code = f"""
         from transformers import AutoModelForCausalLM
         try:
-            AutoModelForCausalLM.from_pretrained({str(tmp_path / 'pruned')!r}, trust_remote_code=False)
+            AutoModelForCausalLM.from_pretrained({str(tmp_path / "pruned")!r}, trust_remote_code=False)
         except Exception as error:
             print("refused:", type(error).__name__)
     """
@@ -89,8 +100,14 @@ def test_per_layer_without_trust_remote_code_fails_loudly(tmp_path):
 def test_uniform_round_trip_loads_with_plain_transformers(tmp_path, stories):
     model, tokenizer = stories
     arch = Architecture.dense([4] * 5, [172] * 5)
-    arch = Architecture(**{**arch.to_dict(), "kept_layers": [0, 1, 2, 4],
-                           "kept_units": [[0, 3]] * 5, "kept_channels": [list(range(0, 172, 2))] * 5})
+    arch = Architecture(
+        **{
+            **arch.to_dict(),
+            "kept_layers": [0, 1, 2, 4],
+            "kept_units": [[0, 3]] * 5,
+            "kept_channels": [list(range(0, 172, 2))] * 5,
+        }
+    )
     slice_model(model, arch, layout="uniform")
     expected = logits(model)
     out = save_pruned(model, tokenizer, tmp_path / "uniform")
@@ -108,7 +125,7 @@ def test_uniform_round_trip_loads_with_plain_transformers(tmp_path, stories):
         tokenizer = AutoTokenizer.from_pretrained(path)
         with torch.no_grad():
             got = model(torch.tensor({TOKENS.tolist()})).logits
-        assert torch.equal(got, torch.load({str(tmp_path / 'expected.pt')!r}))
+        assert torch.equal(got, torch.load({str(tmp_path / "expected.pt")!r}))
         ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
         text = tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0])
         assert text.startswith("<s> Once upon a time") or text.startswith("Once upon a time"), text

@@ -96,8 +96,9 @@ def test_masked_equals_sliced_exactly_in_float64(family, stories):
 
 def test_uniform_layout_gives_a_stock_config(stories):
     model, _ = stories
-    arch = check_masked_equals_sliced(model, ["heads", "channels", "layers"], seed=7, uniform=True,
-                                      ratios={"heads": 0.5})
+    arch = check_masked_equals_sliced(
+        model, ["heads", "channels", "layers"], seed=7, uniform=True, ratios={"heads": 0.5}
+    )
     assert arch.is_uniform
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.num_key_value_heads == arch.unit_counts()[0]
@@ -161,8 +162,13 @@ def test_dropped_layers_are_renumbered_and_generation_works():
 def test_per_layer_slicing_records_shapes_and_switches_class():
     model = make_tiny("llama_gqa")
     arch = Architecture.dense([2] * 4, [96] * 4)
-    arch = Architecture(**{**arch.to_dict(), "kept_units": [[0], [0, 1], [1], [0, 1]],
-                           "kept_channels": [list(range(10)), list(range(96)), list(range(50)), [3, 7]]})
+    arch = Architecture(
+        **{
+            **arch.to_dict(),
+            "kept_units": [[0], [0, 1], [1], [0, 1]],
+            "kept_channels": [list(range(10)), list(range(96)), list(range(50)), [3, 7]],
+        }
+    )
     slice_model(model, arch)
     assert type(model).__name__ == "DMSLlamaForCausalLM"
     assert model.config.dms_layer_shapes == [

@@ -110,17 +110,31 @@ def measure_layer_scores(model: nn.Module, masks: MaskSet, blocks: torch.Tensor)
 
 
 def land(masks: MaskSet, counter: ParamCounter, budget: Budget, arch: Architecture) -> Architecture | None:
-    """``arch`` with heads/channels adjusted (layers kept) to land on the budget, or None."""
-    adjustable = [k for k in ("channels", "heads") if k in masks.targets and k not in masks.frozen]
+    """``arch`` with heads/channels adjusted (layers kept) to land on the budget, or None.
+
+    Frozen heads may move here too: freezing keeps the structure stable while channels refine,
+    it does not forbid the final landing from adding or removing a unit.
+    """
+    adjustable = [k for k in ("channels", "heads") if k in masks.targets]
     counts = fit_counts(
-        counter, budget, arch.kept_layers, masks.counts(arch), masks.margin, adjustable,
-        uniform=masks.uniform, allowed_units=masks.allowed_units,
+        counter,
+        budget,
+        arch.kept_layers,
+        masks.counts(arch),
+        masks.margin,
+        adjustable,
+        uniform=masks.uniform,
+        allowed_units=masks.allowed_units,
     )
     return None if counts is None else masks.architecture_for(arch.kept_layers, counts)
 
 
 def snap_uniform_heads(
-    model: nn.Module, masks: MaskSet, counter: ParamCounter, budget: Budget, blocks: torch.Tensor,
+    model: nn.Module,
+    masks: MaskSet,
+    counter: ParamCounter,
+    budget: Budget,
+    blocks: torch.Tensor,
     arch: Architecture,
 ) -> Architecture:
     """Uniform layout: move the shared head count to the nearest value the stock config accepts.
@@ -133,14 +147,23 @@ def snap_uniform_heads(
     if not allowed or current in allowed:
         return arch
     best, best_loss = arch, float("inf")
-    for value in (max([a for a in allowed if a < current], default=None), min([a for a in allowed if a > current],
-                                                                              default=None)):
+    for value in (
+        max([a for a in allowed if a < current], default=None),
+        min([a for a in allowed if a > current], default=None),
+    ):
         if value is None:
             continue
         counts = masks.counts(arch)
         counts["heads"] = [value] * len(counts["heads"])
-        fitted = fit_counts(counter, budget, arch.kept_layers, counts, masks.margin,
-                            [k for k in ("channels",) if k in masks.targets], uniform=True)
+        fitted = fit_counts(
+            counter,
+            budget,
+            arch.kept_layers,
+            counts,
+            masks.margin,
+            [k for k in ("channels",) if k in masks.targets],
+            uniform=True,
+        )
         if fitted is None:
             continue
         candidate = masks.architecture_for(arch.kept_layers, fitted)
@@ -163,12 +186,22 @@ def guard_layers(
     current_loss = _hard_loss(model, masks, blocks, current)
     scores = masks.importance["layers"][0]
     for layer in sorted(dropped, key=lambda i: -float(scores[i])):
-        candidate = land(masks, counter, budget, Architecture(**{**current.to_dict(),
-                                                                 "kept_layers": sorted([*current.kept_layers, layer])}))
+        candidate = land(
+            masks,
+            counter,
+            budget,
+            Architecture(**{**current.to_dict(), "kept_layers": sorted([*current.kept_layers, layer])}),
+        )
         candidate_loss = _hard_loss(model, masks, blocks, candidate) if candidate is not None else float("inf")
         restored = candidate_loss < current_loss
-        decisions.append({"layer": layer, "drop_loss": round(current_loss, 5), "keep_loss": round(candidate_loss, 5),
-                          "dropped": not restored})
+        decisions.append(
+            {
+                "layer": layer,
+                "drop_loss": round(current_loss, 5),
+                "keep_loss": round(candidate_loss, 5),
+                "dropped": not restored,
+            }
+        )
         if restored:
             current, current_loss = candidate, candidate_loss
     return current, decisions
@@ -213,7 +246,8 @@ def search(
         if step == refine_start and step > 0:
             arch, result.layer_decisions = (
                 guard_layers(model, masks, counter, budget, score_blocks)
-                if "layers" in masks.targets else (masks.architecture(), [])
+                if "layers" in masks.targets
+                else (masks.architecture(), [])
             )
             arch = snap_uniform_heads(model, masks, counter, budget, score_blocks, arch)
             masks.set_keep_counts(masks.counts(arch))
@@ -239,13 +273,16 @@ def search(
         optimizer.zero_grad(set_to_none=True)
         masks.clamp_()
         masks.deactivate()
-        record = {"step": step, "loss": round(loss.detach().item(), 5), "task_loss": round(task_loss.detach().item(), 5),
-                  "params": int(round(params.detach().item())), "target": int(target)}
+        record = {
+            "step": step,
+            "loss": round(loss.detach().item(), 5),
+            "task_loss": round(task_loss.detach().item(), 5),
+            "params": int(round(params.detach().item())),
+            "target": int(target),
+        }
         result.history.append(record)
         bar.set_postfix_str(_postfix(masks, record))
     arch = snap_uniform_heads(model, masks, counter, budget, score_blocks, masks.architecture())
-    if masks.allowed_units and "heads" not in masks.frozen:
-        masks.freeze("heads", arch)  # keep the snapped (stock-loadable) head count while landing
     landed = land(masks, counter, budget, arch)
     while landed is None:  # too many layers kept to fit: drop the least important and retry
         scores = masks.importance["layers"][0] if "layers" in masks.targets else None

@@ -1,0 +1,177 @@
+"""The dms-llm command line, end to end on stories260K, and its errors on bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import transformers
+import yaml
+from conftest import ROOT, STORIES, TINYSTORIES, require_shared
+
+from dms_llm.checkpoint import load_pruned
+from dms_llm.cli import _prune_config, build_parser
+from dms_llm.config import PruneConfig, available_recipes, load_recipe
+from dms_llm.errors import DMSError
+
+
+def dms_llm(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "dms_llm", *args], capture_output=True, text=True, env=env, cwd=cwd or ROOT
+    )
+
+
+def prune_args(argv):
+    return _prune_config(build_parser()._subparsers._group_actions[0].choices["prune"].parse_intermixed_args(argv))
+
+
+@pytest.mark.slow
+def test_prune_end_to_end_on_stories260k(tmp_path):
+    require_shared()
+    out = tmp_path / "pruned"
+    result = dms_llm(
+        "prune",
+        str(STORIES),
+        "--ratio",
+        "0.2",
+        "--calib",
+        str(TINYSTORIES),
+        "--output-dir",
+        str(out),
+        "--quiet",
+        "search.steps=60",
+        "data.num_blocks=64",
+        "eval_seq_len=256",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "perplexity (validation_a.txt, held-out tail, seq 256): dense" in result.stdout
+    assert f"saved to {out}" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    params = report["params"]
+    assert params["after"] <= params["target"] == int(0.8 * 260_032)
+    assert params["target"] - params["after"] <= 0.005 * params["before"]
+    assert report["perplexity"]["dense"] < report["perplexity"]["pruned"] < 100
+    assert report["command"].startswith("dms-llm prune")
+    model = load_pruned(out)
+    assert sum(p.numel() for p in model.parameters()) == params["after"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    story = tokenizer.decode(model.generate(ids, max_new_tokens=20, do_sample=False)[0], skip_special_tokens=True)
+    assert story.startswith("Once upon a time") and len(story) > len("Once upon a time") + 20
+
+
+def _run_bad(tmp_path, *args):
+    out = tmp_path / "out"
+    result = dms_llm("prune", *args, "--output-dir", str(out), "--quiet", "search.steps=5")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return result, lines, out
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("ratio_too_big", "--ratio must be between 0 and 1"),
+        ("ratio_zero", "--ratio must be between 0 and 1"),
+        ("unreachable", "largest reachable ratio"),
+        ("missing_model", "does not exist"),
+        ("not_llama", "model type 'gpt2' is not supported"),
+        ("empty_calib", "is empty"),
+        ("missing_calib", "calibration file"),
+        ("bad_override", "unknown setting 'search.stepz'. Did you mean 'steps'?"),
+        ("bad_layout", "--layout must be per_layer or uniform"),
+    ],
+)
+def test_bad_input_exits_with_one_clear_line_and_writes_nothing(tmp_path, case, message):
+    require_shared()
+    calib = str(TINYSTORIES)
+    model = str(STORIES)
+    extra = []
+    if case == "ratio_too_big":
+        extra = ["--ratio", "1.5"]
+    elif case == "ratio_zero":
+        extra = ["--ratio", "0"]
+    elif case == "unreachable":
+        extra = ["--ratio", "0.99"]
+    elif case == "missing_model":
+        model = str(tmp_path / "no-such-model")
+    elif case == "not_llama":
+        model = str(tmp_path / "gpt2")
+        transformers.GPT2Config(
+            n_layer=1, n_embd=8, n_head=2, vocab_size=16, bos_token_id=0, eos_token_id=0
+        ).save_pretrained(model)
+    elif case == "empty_calib":
+        calib = str(tmp_path / "empty.txt")
+        open(calib, "w").close()
+    elif case == "missing_calib":
+        calib = str(tmp_path / "nope.txt")
+    elif case == "bad_override":
+        extra = ["search.stepz=3"]
+    elif case == "bad_layout":
+        extra = ["--layout", "diagonal"]
+    result, lines, out = _run_bad(tmp_path, model, "--calib", calib, *extra)
+    assert result.returncode == 2
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("dms-llm: error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_existing_output_folder_is_refused_without_overwrite(tmp_path):
+    require_shared()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    result = dms_llm("prune", str(STORIES), "--calib", str(TINYSTORIES), "--output-dir", str(out))
+    assert result.returncode == 2
+    assert "already exists" in result.stderr and "--overwrite" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_malformed_ratio_is_one_line():
+    result = dms_llm("prune", "some/model", "--ratio", "abc")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "invalid float value: 'abc'" in result.stderr
+
+
+def test_settings_precedence_recipe_then_flags_then_key_value(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"ratio": 0.3, "layout": "uniform", "search": {"steps": 11, "lr": 0.5}}))
+    config = prune_args(["m", "--recipe", str(recipe), "--steps", "22", "search.lr=0.01"])
+    assert (config.ratio, config.layout, config.search.steps, config.search.lr) == (0.3, "uniform", 22, 0.01)
+    config = prune_args(["m", "--recipe", str(recipe), "--params", "1.5M"])
+    assert config.ratio is None and config.params == "1.5M"
+    with pytest.raises(DMSError, match="either --ratio or --params"):
+        prune_args(["m", "--ratio", "0.2", "--params", "5B"])
+    with pytest.raises(DMSError, match="search.steps' must be int"):
+        prune_args(["m", "search.steps=many"])
+
+
+@pytest.mark.parametrize("name", sorted(available_recipes()))
+def test_every_shipped_recipe_validates(name):
+    config = load_recipe(name)
+    assert isinstance(config, PruneConfig)
+    config.validate()
+    header = available_recipes()[name].read_text().splitlines()[0]
+    assert header.startswith("# "), "a recipe starts with a comment saying what it is for"
+    assert "dms-llm prune" in available_recipes()[name].read_text(), "a recipe shows its command"
+
+
+def test_malformed_recipes_are_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search: [1, 2\n")
+    with pytest.raises(DMSError, match="not valid YAML"):
+        load_recipe(str(bad))
+    bad.write_text("serch:\n  steps: 3\n")
+    with pytest.raises(DMSError, match="Did you mean 'search'"):
+        load_recipe(str(bad))
+    with pytest.raises(DMSError, match="no recipe named 'lama3-8b'"):
+        load_recipe("lama3-8b")
+
+
+def test_recipes_verb_lists_recipes():
+    result = dms_llm("recipes")
+    assert result.returncode == 0
+    assert "stories260k" in result.stdout
