@@ -101,7 +101,7 @@ class PruneReport:
         """The end-of-run summary: per-layer table, parameter counts and perplexity."""
         buffer = io.StringIO()
         console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
-        table = Table(title=f"dms-llm: {self.model} ({self.layout} layout)")
+        table = Table(title=f"{Path(self.model).name}: {self.layout} layout")
         for column in ("layer", "kept", "KV heads", "Q heads", "MLP channels"):
             table.add_column(column, justify="right")
         for row in self.layers:

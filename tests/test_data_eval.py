@@ -115,3 +115,50 @@ def test_stories260k_perplexity_on_tinystories_is_low(stories):
     assert tokens[0].item() == tokenizer.bos_token_id
     ppl = perplexity(model, tokens, seq_len=256)
     assert 3.0 < ppl < 6.0  # the data README: about 4.1 at 256-token windows
+
+
+@pytest.mark.parametrize(
+    "name,role,expected",
+    [
+        ("wikitext2", "train", ("Salesforce/wikitext", "wikitext-2-raw-v1", "train", {})),
+        ("wikitext2", "test", ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", {})),
+        (
+            "c4",
+            "validation",
+            (
+                "allenai/c4",
+                None,
+                "validation",
+                {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}},
+            ),
+        ),
+        ("ptb", "test", ("ptb-text-only/ptb_text_only", "penn_treebank", "test", {"revision": "refs/convert/parquet"})),
+    ],
+)
+def test_named_sources_call_datasets_with_the_right_arguments(monkeypatch, name, role, expected):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split, kwargs))
+        return datasets.Dataset.from_list(
+            [{"text": "first row", "sentence": "a sentence"}, {"text": "second", "sentence": "b"}]
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    text = load_text(name, split=role)
+    assert calls == [expected]
+    assert text == ("a sentence b" if name == "ptb" else "first row\n\nsecond")
+
+
+def test_named_source_failures_are_one_clear_line(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DMSError, match=r"could not load dataset 'wikitext2'.*Offline\? Pass a local") as error:
+        load_text("wikitext2")
+    assert "\n" not in str(error.value)
