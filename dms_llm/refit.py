@@ -55,14 +55,19 @@ def fit_counts(
     adjustable: Sequence[str],
     uniform: bool = False,
     allowed_units: Sequence[int] | None = None,
+    joint: bool = False,
 ) -> dict[str, list[int]] | None:
     """Counts at or under ``budget.target`` (and above its floor where possible), or None.
 
     ``uniform`` moves one shared count per kind; ``allowed_units`` then restricts the shared
-    attention-unit count to the values the family's stock config accepts.
+    attention-unit count to the values the family's stock config accepts. ``joint`` trims
+    heads and channels in one ranking (their margins must then be comparable, e.g. standardised
+    scores as FLAP uses) instead of channels first.
     """
     landing = _Landing(counter, kept_layers, counts, margin, uniform, allowed_units)
     kinds = [k for k in ("channels", "heads") if k in adjustable]
+    if joint and not landing.trim_jointly(kinds, budget.target):
+        return None
     if not landing.trim(kinds, budget.target):
         return None
     for kind in kinds:
@@ -115,6 +120,16 @@ class _Landing:
             while self.params > target and (moves := self._moves(kind, down=True)):
                 self._apply(kind, *moves[0][1:])
         return self.params <= target
+
+    def trim_jointly(self, kinds: Sequence[str], target: int) -> bool:
+        """Remove the least-wanted element of any kind until at or under ``target``."""
+        while self.params > target:
+            moves = [(move, kind) for kind in kinds for move in self._moves(kind, down=True)[:1]]
+            if not moves:
+                return False
+            (_, layers, value), kind = min(moves, key=lambda item: item[0][0])
+            self._apply(kind, layers, value)
+        return True
 
     def grow(self, kind: str, target: int) -> bool:
         """Add the most-wanted element of a kind that still fits under ``target``."""
