@@ -214,8 +214,9 @@ def _land(counter, budget, geometry, kept_layers, heads, channels, uniform: bool
             "heads": [max(1, round(u * (1 - ratio))) for u in geometry.units],
             "channels": [max(1, round(c * (1 - ratio))) for c in geometry.channels],
         }
-    fitted = fit_counts(counter, budget, kept_layers, counts, margin, ["channels", "heads"], uniform=uniform,
-                        joint=not uniform)
+    fitted = fit_counts(
+        counter, budget, kept_layers, counts, margin, ["channels", "heads"], uniform=uniform, joint=not uniform
+    )
     if fitted is None:
         raise DMSError("the budget cannot be reached with the layers kept")
     return _architecture(geometry, kept_layers, fitted, heads, channels), count_params(counter, kept_layers, fitted)

@@ -35,7 +35,11 @@ PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--seed": ("seed", int, "random seed"),
     "--dtype": ("dtype", str, "auto, float32, bfloat16 or float16"),
     "--device": ("device", str, "auto, cpu, cuda, cuda:N"),
-    "--eval-seq-len": ("eval_seq_len", int, "window of the held-out perplexity"),
+    "--eval-seq-len": ("eval.seq_len", int, "perplexity window in tokens (default 128)"),
+    "--eval-ppl": ("eval.ppl", str, "also evaluate perplexity on: wikitext2,ptb,c4 or text files"),
+    "--eval-tasks": ("eval.tasks", str, "also run lm-eval tasks (names, or 'default' for the 7 standard)"),
+    "--eval-limit": ("eval.limit", float, "items per lm-eval task (quick runs)"),
+    "--task-data": ("eval.task_data", str, "folder of local task files (offline lm-eval)"),
 }
 
 
@@ -59,10 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     prune.add_argument("--gradient-checkpointing", action="store_true", default=None, help="save activation memory")
     prune.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity")
+    prune.add_argument("--eval", action="store_true", help="evaluate dense and pruned (WikiText-2 + 7 tasks)")
     prune.add_argument("--quiet", action="store_true", help="no progress bar")
     for flag, (key, kind, text) in PRUNE_FLAGS.items():
         prune.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text)
     prune.set_defaults(func=cmd_prune)
+
+    evaluate = verbs.add_parser("eval", help="perplexity and zero-shot accuracy of a dense or pruned model")
+    evaluate.add_argument("model", help="Hugging Face model name or local folder (dense or pruned)")
+    evaluate.add_argument("--ppl", help="perplexity sources: wikitext2, ptb, c4 or text files (default wikitext2)")
+    evaluate.add_argument("--tasks", help="lm-eval tasks, comma separated, or 'default' for the standard 7")
+    evaluate.add_argument("--seq-len", type=int, default=128, help="perplexity window in tokens (default 128)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--limit", type=float, help="items per lm-eval task (quick runs)")
+    evaluate.add_argument("--task-data", help="folder of local task files (offline lm-eval)")
+    evaluate.add_argument("--output", help="results file (default: MODEL/eval.json, or ./eval.json for Hub names)")
+    evaluate.add_argument("--dtype", default="auto")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.set_defaults(func=cmd_eval)
 
     recipes = verbs.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=cmd_recipes)
@@ -83,9 +101,11 @@ def _prune_config(args: argparse.Namespace):
     if args.gradient_checkpointing:
         flags["search.gradient_checkpointing"] = True
     if args.no_eval:
-        flags["evaluate"] = False
-    config = merge_settings(config, flags)
-    return apply_overrides(config, args.overrides).validate()
+        flags["eval.heldout"] = False
+    config = apply_overrides(merge_settings(config, flags), args.overrides)
+    if args.eval and not (config.eval.ppl or config.eval.tasks):
+        config.eval.ppl, config.eval.tasks = ["wikitext2"], ["default"]
+    return config.validate()
 
 
 def _default_output(model: str, config) -> str:
@@ -95,6 +115,8 @@ def _default_output(model: str, config) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    import json
+
     from .checkpoint import check_output_dir, save_pruned
 
     config = _prune_config(args)
@@ -116,7 +138,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model, report = prune(model, tokenizer, config, progress=not args.quiet)
     report.model = args.model
     report.command = "dms-llm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["prune"] else None
-    save_pruned(model, tokenizer, output_dir, report=report.to_dict(), overwrite=args.overwrite)
+    extra = {"eval.json": json.dumps(report.evaluation, indent=2) + "\n"} if report.evaluation else None
+    save_pruned(model, tokenizer, output_dir, report=report.to_dict(), overwrite=args.overwrite, extra_files=extra)
     sys.stdout.write(report.render(width=max(console.width, 100)))
     print(f"saved to {output_dir}")
     return 0
@@ -136,16 +159,55 @@ def _check_before_loading(model: str, config) -> None:
 
 
 def _check_text_source(source: str) -> None:
-    """Fail before loading the model when a local calibration file is missing or empty."""
+    """Fail before loading the model when a local text file is missing or empty."""
     from .data import NAMED_SOURCES
 
     path = Path(source).expanduser()
     if source in NAMED_SOURCES and not path.exists():
         return
     if not path.exists():
-        raise DMSError(f"calibration file {source!r} does not exist (or name one of {', '.join(NAMED_SOURCES)})")
+        raise DMSError(f"text file {source!r} does not exist (or name one of {', '.join(NAMED_SOURCES)})")
     if path.is_file() and path.stat().st_size == 0:
-        raise DMSError(f"calibration file {source!r} is empty")
+        raise DMSError(f"text file {source!r} is empty")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .checkpoint import load_config, load_model
+    from .config import EvalConfig
+    from .evaluate import evaluate_model, prepare_perplexity_sources, render_evaluation
+    from .report import versions
+
+    config = EvalConfig(
+        heldout=False,
+        ppl=_split(args.ppl) if args.ppl or args.tasks else ["wikitext2"],
+        tasks=_split(args.tasks),
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        task_data=args.task_data,
+    )
+    config.validate()
+    local = Path(args.model).expanduser()
+    output = Path(args.output) if args.output else (local / "eval.json" if local.is_dir() else Path("eval.json"))
+    load_config(args.model)  # a missing folder or a folder without config fails before anything loads
+    for source in config.ppl:
+        _check_text_source(source)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    sources = prepare_perplexity_sources(tokenizer, config.ppl)
+    result = evaluate_model(model, tokenizer, config, sources, progress=True)
+    result.update({"model": args.model, "settings": vars(config), "versions": versions()})
+    sys.stdout.write(render_evaluation({Path(args.model.rstrip("/")).name: result}))
+    staging = output.with_name(f".{output.name}.tmp")
+    staging.write_text(json.dumps(result, indent=2) + "\n")
+    staging.replace(output)  # atomic: a reader never sees half a file
+    print(f"wrote {output}")
+    return 0
+
+
+def _split(text: str | None) -> list[str]:
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:

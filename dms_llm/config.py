@@ -86,6 +86,24 @@ class SearchConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation: held-out perplexity, named/file perplexity sources and lm-eval tasks."""
+
+    heldout: bool = True  # perplexity on the held-out tail of the calibration source
+    ppl: list[str] = field(default_factory=list)  # wikitext2, ptb, c4 or text files
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names, or "default"
+    seq_len: int = 128  # 128 as LLM-Pruner reports; 2048 as SliceGPT/Wanda
+    batch_size: int = 8
+    limit: float | None = None  # items per lm-eval task (quick runs)
+    task_data: str | None = None  # folder of local task files (offline)
+
+    def validate(self) -> None:
+        _check(self.seq_len >= 2, "eval.seq_len must be at least 2")
+        _check(self.batch_size >= 1, "eval.batch_size must be at least 1")
+        _check(self.limit is None or self.limit > 0, "eval.limit must be positive")
+
+
+@dataclass
 class PruneConfig:
     """Everything ``dms-llm prune`` needs besides the model."""
 
@@ -96,10 +114,9 @@ class PruneConfig:
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
-    evaluate: bool = True  # held-out perplexity, dense and pruned
-    eval_seq_len: int | None = None  # window of the held-out perplexity (default: data.seq_len)
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> PruneConfig:
         if self.params is not None:
@@ -124,6 +141,7 @@ class PruneConfig:
         )
         self.data.validate()
         self.search.validate()
+        self.eval.validate()
         return self
 
     @classmethod

@@ -36,6 +36,8 @@ class NamedSource:
     data_files: tuple[tuple[str, str], ...] = ()
     revision: str | None = None
     instruction: bool = False  # Alpaca-style rows (instruction / input / output)
+    eval_rows: int | None = None  # rows read for perplexity (C4: the first 1100, as SparseGPT)
+    eval_windows: int | None = None  # windows scored for perplexity (C4: 256)
 
 
 NAMED_SOURCES: dict[str, NamedSource] = {
@@ -43,6 +45,9 @@ NAMED_SOURCES: dict[str, NamedSource] = {
     "c4": NamedSource(
         "allenai/c4",
         field="text",
+        separator=" ",
+        eval_rows=1100,
+        eval_windows=256,
         splits=(("train", "train"), ("validation", "validation"), ("test", "validation")),
         data_files=(
             ("train", "en/c4-train.00000-of-01024.json.gz"),
@@ -101,7 +106,7 @@ def _read_local(path: Path, field: str) -> tuple[list[str], str]:
     raise DMSError(f"unsupported text file {path.name!r}: use .txt, .jsonl or .parquet")
 
 
-def _read_named(name: str, role: str) -> tuple[list[str], str]:
+def _read_named(name: str, role: str, max_rows: int | None = None) -> tuple[list[str], str]:
     import datasets
 
     source = NAMED_SOURCES[name]
@@ -117,15 +122,14 @@ def _read_named(name: str, role: str) -> tuple[list[str], str]:
             f"could not load dataset {name!r} ({source.path}, split {split}): {first}. "
             "Offline? Pass a local .txt/.jsonl/.parquet file instead."
         ) from None
-    texts = (
-        _rows_text(rows.to_list(), source.field, name)
-        if not source.instruction
-        else [format_instruction(r) for r in rows.to_list()]
-    )
+    if max_rows is not None:
+        rows = rows.select(range(min(max_rows, len(rows))))
+    records = rows.to_list()
+    texts = [format_instruction(r) for r in records] if source.instruction else _rows_text(records, source.field, name)
     return texts, source.separator
 
 
-def load_text(source: str, split: str = "train", text_field: str = "text") -> str:
+def load_text(source: str, split: str = "train", text_field: str = "text", max_rows: int | None = None) -> str:
     """The whole text of a source as one string (rows joined by the source's separator)."""
     path = Path(source).expanduser()
     if path.exists():
@@ -133,7 +137,7 @@ def load_text(source: str, split: str = "train", text_field: str = "text") -> st
             raise DMSError(f"text source {source!r} is a folder; give a .txt, .jsonl or .parquet file")
         texts, separator = _read_local(path, text_field)
     elif source in NAMED_SOURCES:
-        texts, separator = _read_named(source, split)
+        texts, separator = _read_named(source, split, max_rows)
     elif any(ch in source for ch in "/\\.") or source.startswith("~"):
         raise DMSError(f"text file {source!r} does not exist")
     else:

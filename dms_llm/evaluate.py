@@ -13,14 +13,17 @@ Example:
 
 from __future__ import annotations
 
+import io
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import split_blocks
+from .config import EvalConfig
+from .data import NAMED_SOURCES, load_text, split_blocks, tokenize_text
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -49,10 +52,15 @@ def mean_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> fl
 
 
 def perplexity(
-    model: nn.Module, tokens: torch.Tensor, seq_len: int = 128, batch_size: int = 8, progress: bool = False
+    model: nn.Module,
+    tokens: torch.Tensor,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    progress: bool = False,
+    max_windows: int | None = None,
 ) -> float:
     """Perplexity over non-overlapping ``seq_len`` windows of a 1-D token stream."""
-    blocks = split_blocks(tokens, seq_len)
+    blocks = split_blocks(tokens, seq_len)[:max_windows]
     if blocks.shape[0] == 0:
         raise ValueError(f"text has {tokens.numel()} tokens, fewer than one window of {seq_len}")
     was_training = model.training
@@ -62,3 +70,72 @@ def perplexity(
     finally:
         model.train(was_training)
     return math.exp(total / count)
+
+
+def prepare_perplexity_sources(tokenizer, sources: list[str]) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """label -> (token stream, window limit) for named sources (test splits) and text files."""
+    prepared = {}
+    for source in sources:
+        named = NAMED_SOURCES.get(source) if not Path(source).expanduser().exists() else None
+        text = load_text(source, split="test", max_rows=named.eval_rows if named else None)
+        label = source if named else Path(source).stem
+        prepared[label] = (tokenize_text(tokenizer, text), named.eval_windows if named else None)
+    return prepared
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer,
+    config: EvalConfig,
+    sources: dict[str, tuple[torch.Tensor, int | None]] | None = None,
+    progress: bool = False,
+) -> dict:
+    """Perplexities (``sources``, prepared once and reused) and lm-eval zero-shot results."""
+    sources = sources if sources is not None else prepare_perplexity_sources(tokenizer, config.ppl)
+    result: dict = {"params": sum(p.numel() for p in model.parameters()), "seq_len": config.seq_len}
+    result["perplexity"] = {
+        label: perplexity(model, tokens, config.seq_len, config.batch_size, progress, max_windows)
+        for label, (tokens, max_windows) in sources.items()
+    }
+    if config.tasks:
+        from .zeroshot import zero_shot
+
+        result["zero_shot"] = zero_shot(
+            model,
+            tokenizer,
+            config.tasks,
+            limit=config.limit,
+            batch_size=config.batch_size,
+            task_data=config.task_data,
+        )
+    return result
+
+
+def render_evaluation(columns: dict[str, dict], width: int = 100) -> str:
+    """Side-by-side table (e.g. dense vs pruned) of perplexities and zero-shot accuracies."""
+    from rich.console import Console
+    from rich.table import Table
+
+    names = list(columns)
+    table = Table(title="evaluation")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    first = columns[names[0]]
+    table.add_row("parameters", *[f"{columns[n]['params']:,}" for n in names])
+    for label in first.get("perplexity", {}):
+        values = [columns[n]["perplexity"].get(label) for n in names]
+        table.add_row(f"ppl {label} (seq {first['seq_len']})", *[f"{v:.3f}" if v else "-" for v in values])
+    tasks = (first.get("zero_shot") or {}).get("tasks", {})
+    for task in tasks:
+        for metric in ("acc", "acc_norm"):
+            if metric in tasks[task]:
+                values = [columns[n]["zero_shot"]["tasks"][task].get(metric) for n in names]
+                table.add_row(f"{task} {metric}", *[f"{100 * v:.2f}" if v is not None else "-" for v in values])
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, force_terminal=False, color_system=None).print(table)
+    if tasks:
+        zero_shot = first["zero_shot"]
+        limit = f", limit {zero_shot['limit']}" if zero_shot.get("limit") else ""
+        buffer.write(f"lm-eval {zero_shot['lm_eval_version']} ({zero_shot['source']}{limit}); accuracies in %\n")
+    return buffer.getvalue()

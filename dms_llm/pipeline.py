@@ -19,7 +19,7 @@ from .adapters import get_adapter
 from .budget import ParamCounter, resolve_budget
 from .config import PruneConfig
 from .data import CalibrationData, calibration_blocks
-from .evaluate import perplexity
+from .evaluate import evaluate_model, perplexity, prepare_perplexity_sources
 from .masks import MaskSet
 from .report import PruneReport
 from .search_loop import search
@@ -42,9 +42,13 @@ def prune(
     counter = ParamCounter.from_model(model, adapter)
     budget = resolve_budget(counter, config.ratio, config.params, config.targets)
     data = calibration or calibration_blocks(tokenizer, config.data, config.seed)
-    eval_seq_len = config.eval_seq_len or config.data.seq_len
-    evaluate = config.evaluate and data.heldout.numel() >= eval_seq_len
-    dense_ppl = perplexity(model, data.heldout, eval_seq_len) if evaluate else None
+    seq_len = config.eval.seq_len
+    heldout = config.eval.heldout and data.heldout.numel() >= seq_len
+    dense_ppl = perplexity(model, data.heldout, seq_len, config.eval.batch_size) if heldout else None
+    full_eval = bool(config.eval.ppl or config.eval.tasks)
+    if full_eval:  # the dense model is evaluated now: the search below prunes it in place
+        sources = prepare_perplexity_sources(tokenizer, config.eval.ppl)
+        dense_eval = evaluate_model(model, tokenizer, config.eval, sources, progress=progress)
 
     masks = MaskSet(
         model,
@@ -91,12 +95,17 @@ def prune(
         search=result.summary(),
     )
     report.settings["calibration_blocks"] = int(data.calib.shape[0])
-    if evaluate:
+    if heldout:
         report.perplexity = {
             "source": data.source,
-            "seq_len": eval_seq_len,
+            "seq_len": seq_len,
             "dense": dense_ppl,
-            "pruned": perplexity(model, data.heldout, eval_seq_len),
+            "pruned": perplexity(model, data.heldout, seq_len, config.eval.batch_size),
             "tokens": int(data.heldout.numel()),
+        }
+    if full_eval:
+        report.evaluation = {
+            "dense": dense_eval,
+            "pruned": evaluate_model(model, tokenizer, config.eval, sources, progress=progress),
         }
     return model, report

@@ -41,6 +41,7 @@ class PruneReport:
     settings: dict
     search: dict = field(default_factory=dict)
     perplexity: dict = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)  # {"dense": ..., "pruned": ...} from evaluate_model
     command: str | None = None
     versions: dict = field(default_factory=versions)
 
@@ -131,4 +132,9 @@ class PruneReport:
             )
         if self.search:
             console.print(f"search: {self.search.get('steps')} steps in {self.search.get('seconds')} s")
-        return buffer.getvalue()
+        text = buffer.getvalue()
+        if self.evaluation:
+            from .evaluate import render_evaluation
+
+            text += render_evaluation(self.evaluation, width=width)
+        return text

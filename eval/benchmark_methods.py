@@ -52,11 +52,16 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_dms(model, counter, budget, blocks, config: PruneConfig, seed: int):
-    masks = MaskSet(model, targets=config.targets, uniform=config.layout == "uniform", temperatures={
-        "heads": config.search.temperature_heads,
-        "channels": config.search.temperature_channels,
-        "layers": config.search.temperature_layers,
-    })
+    masks = MaskSet(
+        model,
+        targets=config.targets,
+        uniform=config.layout == "uniform",
+        temperatures={
+            "heads": config.search.temperature_heads,
+            "channels": config.search.temperature_channels,
+            "layers": config.search.temperature_layers,
+        },
+    )
     try:
         result = search(model, masks, counter, budget, blocks, config.search, seed=seed, progress=False)
     finally:
@@ -99,12 +104,22 @@ def main() -> None:
             slice_model(model, arch)
             seconds = time.perf_counter() - start
             assert sum(p.numel() for p in model.parameters()) == params <= budget.target
-            row = {"method": method, "ratio": round(ratio, 4), "params": params, "seconds": round(seconds, 2),
-                   **perplexities(model), "layers_kept": len(arch.kept_layers),
-                   "units": arch.unit_counts(), "channels": arch.channel_counts()}
+            row = {
+                "method": method,
+                "ratio": round(ratio, 4),
+                "params": params,
+                "seconds": round(seconds, 2),
+                **perplexities(model),
+                "layers_kept": len(arch.kept_layers),
+                "units": arch.unit_counts(),
+                "channels": arch.channel_counts(),
+            }
             rows.append(row)
-            print(f"ratio {ratio:.3f} {method:10s} params {params:,} heldout {row['heldout']:.3f} "
-                  f"wikitext2 {row['wikitext2']:.2f} ({seconds:.1f} s)", flush=True)
+            print(
+                f"ratio {ratio:.3f} {method:10s} params {params:,} heldout {row['heldout']:.3f} "
+                f"wikitext2 {row['wikitext2']:.2f} ({seconds:.1f} s)",
+                flush=True,
+            )
     write_results(Path(args.out), rows, args, config)
 
 
@@ -118,10 +133,17 @@ def dms_config(recipe: str, calib: str) -> PruneConfig:
 
 def write_results(out: Path, rows: list[dict], args, config: PruneConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    meta = {"command": "python eval/benchmark_methods.py " + " ".join(sys.argv[1:]), "machine": machine,
-            "model": args.model, "calibration": args.calib, "eval_seq_len": args.eval_seq_len,
-            "dms_settings": config.to_dict()}
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    meta = {
+        "command": "python eval/benchmark_methods.py " + " ".join(sys.argv[1:]),
+        "machine": machine,
+        "model": args.model,
+        "calibration": args.calib,
+        "eval_seq_len": args.eval_seq_len,
+        "dms_settings": config.to_dict(),
+    }
     (out / "methods.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
     ratios = sorted({r["ratio"] for r in rows if r["method"] != "dense"})
@@ -144,9 +166,13 @@ def write_results(out: Path, rows: list[dict], args, config: PruneConfig) -> Non
             cell = f"{r['heldout']:.2f} / {r['wikitext2']:.0f}"
             text.append(f"**{cell}**" if method == best else cell)
         lines.append(f"| {ratio:.3f} | {params:,} | " + " | ".join(text) + " |")
-    lines += ["", "Wall time per method (seconds, mean over ratios): " + ", ".join(
-        f"{m} {sum(r['seconds'] for r in rows if r['method'] == m) / len(ratios):.1f}" for m in methods) + ".",
-        f"Machine: {machine}. Command: `{meta['command'].strip()}`."]
+    lines += [
+        "",
+        "Wall time per method (seconds, mean over ratios): "
+        + ", ".join(f"{m} {sum(r['seconds'] for r in rows if r['method'] == m) / len(ratios):.1f}" for m in methods)
+        + ".",
+        f"Machine: {machine}. Command: `{meta['command'].strip()}`.",
+    ]
     (out / "methods.md").write_text("\n".join(lines) + "\n")
     plot(out / "methods.png", rows, methods)
     print("\n".join(lines))
@@ -159,8 +185,10 @@ def plot(path: Path, rows: list[dict], methods: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for axis, metric, title in ((axes[0], "heldout", "TinyStories (held-out tail)"), (axes[1], "wikitext2",
-                                                                                       "WikiText-2 test")):
+    for axis, metric, title in (
+        (axes[0], "heldout", "TinyStories (held-out tail)"),
+        (axes[1], "wikitext2", "WikiText-2 test"),
+    ):
         for method in methods:
             points = sorted((r["params"], r[metric]) for r in rows if r["method"] == method)
             axis.plot([p / 1e3 for p, _ in points], [v for _, v in points], marker="o", label=method)

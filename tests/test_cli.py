@@ -43,7 +43,7 @@ def test_prune_end_to_end_on_stories260k(tmp_path):
         "--quiet",
         "search.steps=60",
         "data.num_blocks=64",
-        "eval_seq_len=256",
+        "eval.seq_len=256",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "perplexity (validation_a.txt, held-out tail, seq 256): dense" in result.stdout
@@ -78,7 +78,7 @@ def _run_bad(tmp_path, *args):
         ("missing_model", "does not exist"),
         ("not_llama", "model type 'gpt2' is not supported"),
         ("empty_calib", "is empty"),
-        ("missing_calib", "calibration file"),
+        ("missing_calib", "text file"),
         ("bad_override", "unknown setting 'search.stepz'. Did you mean 'steps'?"),
         ("bad_layout", "--layout must be per_layer or uniform"),
     ],

@@ -149,7 +149,8 @@ def test_named_sources_call_datasets_with_the_right_arguments(monkeypatch, name,
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     text = load_text(name, split=role)
     assert calls == [expected]
-    assert text == ("a sentence b" if name == "ptb" else "first row\n\nsecond")
+    expected_text = {"ptb": "a sentence b", "c4": "first row second"}.get(name, "first row\n\nsecond")
+    assert text == expected_text
 
 
 def test_named_source_failures_are_one_clear_line(monkeypatch):
