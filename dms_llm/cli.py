@@ -40,6 +40,9 @@ PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--eval-tasks": ("eval.tasks", str, "also run lm-eval tasks (names, or 'default' for the 7 standard)"),
     "--eval-limit": ("eval.limit", float, "items per lm-eval task (quick runs)"),
     "--task-data": ("eval.task_data", str, "folder of local task files (offline lm-eval)"),
+    "--recover": ("recover.method", str, "recover after pruning: lora"),
+    "--recover-data": ("recover.data", str, "recovery text: alpaca, a named source or a file"),
+    "--recover-steps": ("recover.steps", int, "LoRA recovery steps"),
 }
 
 
@@ -64,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--gradient-checkpointing", action="store_true", default=None, help="save activation memory")
     prune.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity")
     prune.add_argument("--eval", action="store_true", help="evaluate dense and pruned (WikiText-2 + 7 tasks)")
+    prune.add_argument("--distill", action="store_true", help="distil from the dense model during --recover")
     prune.add_argument("--quiet", action="store_true", help="no progress bar")
     for flag, (key, kind, text) in PRUNE_FLAGS.items():
         prune.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text)
@@ -81,6 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", default="auto")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=cmd_eval)
+
+    recover = verbs.add_parser("recover", help="LoRA-recover a pruned model (optionally distilled) and merge")
+    recover.add_argument("model", help="pruned model folder (either layout)")
+    recover.add_argument("--data", default="alpaca", help="alpaca, a named source, or a .txt/.jsonl/.parquet file")
+    recover.add_argument("--output-dir", "-o", help="where to write the recovered model (default: MODEL-lora)")
+    recover.add_argument("--overwrite", action="store_true")
+    recover.add_argument("--steps", type=int, default=200)
+    recover.add_argument("--batch-size", type=int, default=8)
+    recover.add_argument("--seq-len", type=int, default=256)
+    recover.add_argument("--lr", type=float, default=2e-4)
+    recover.add_argument("--lora-r", type=int, default=8)
+    recover.add_argument("--distill", action="store_true", help="KL distillation from the dense teacher")
+    recover.add_argument("--teacher", help="dense teacher (default: the base model named in report.json)")
+    recover.add_argument("--gradient-checkpointing", action="store_true")
+    recover.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    recover.add_argument("--save-every", type=int, default=0, help="adapter checkpoint every N steps")
+    recover.add_argument("--seed", type=int, default=0)
+    recover.add_argument("--dtype", default="auto")
+    recover.add_argument("--device", default="auto")
+    recover.add_argument("--quiet", action="store_true")
+    recover.set_defaults(func=cmd_recover)
 
     recipes = verbs.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=cmd_recipes)
@@ -102,6 +127,8 @@ def _prune_config(args: argparse.Namespace):
         flags["search.gradient_checkpointing"] = True
     if args.no_eval:
         flags["eval.heldout"] = False
+    if args.distill:
+        flags["recover.distill"] = True
     config = apply_overrides(merge_settings(config, flags), args.overrides)
     if args.eval and not (config.eval.ppl or config.eval.tasks):
         config.eval.ppl, config.eval.tasks = ["wikitext2"], ["default"]
@@ -203,6 +230,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
     staging.write_text(json.dumps(result, indent=2) + "\n")
     staging.replace(output)  # atomic: a reader never sees half a file
     print(f"wrote {output}")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    import json
+
+    from .checkpoint import check_output_dir, load_config, load_model, save_pruned
+    from .config import RecoverConfig
+
+    config = RecoverConfig(
+        method="lora",
+        data=args.data,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+        distill=args.distill,
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.bf16,
+        save_every=args.save_every,
+    )
+    config.validate()
+    source = Path(args.model).expanduser()
+    output = check_output_dir(args.output_dir or f"{str(source).rstrip('/')}-lora", args.overwrite)
+    load_config(args.model)
+    _check_text_source(config.data)
+    report_path = source / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    teacher_name = args.teacher or report.get("model")
+    if args.distill and not teacher_name:
+        raise DMSError("--distill needs the dense model: pass --teacher (no report.json names it)")
+    if args.distill:
+        load_config(teacher_name)
+
+    from .recover import recover
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    teacher = load_model(teacher_name, dtype=args.dtype, device=args.device)[0] if args.distill else None
+    checkpoints = output.with_name(f"{output.name}-checkpoints") if args.save_every else None
+    model, info = recover(model, tokenizer, config, teacher, args.seed, not args.quiet, checkpoints)
+    report["recovery"] = info
+    save_pruned(model, tokenizer, output, report=report, overwrite=args.overwrite)
+    before, after = info["heldout_before"], info["heldout_after"]
+    if before is not None:
+        print(
+            f"held-out perplexity of the recovery data ({Path(str(config.data)).name}, seq {config.seq_len}): "
+            f"{before:.3f} -> {after:.3f}"
+        )
+    print(f"saved to {output}")
     return 0
 
 

@@ -104,6 +104,43 @@ class EvalConfig:
 
 
 @dataclass
+class RecoverConfig:
+    """LoRA recovery after pruning (peft), optionally distilled from the dense model."""
+
+    method: str | None = None  # "lora" to recover after pruning; None to skip
+    data: str = "alpaca"  # named source or local file; Alpaca-style rows are formatted as prompts
+    split: str = "train"
+    text_field: str = "text"
+    num_blocks: int = 1024
+    seq_len: int = 256
+    heldout_fraction: float = 0.05
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    distill: bool = False  # add KL(teacher || student) on the logits, the dense teacher frozen
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
+    gradient_checkpointing: bool = False
+    bf16: bool = False  # bfloat16 autocast on GPU
+    save_every: int = 0  # steps between adapter checkpoints (0: none)
+
+    def validate(self) -> None:
+        _check(self.method in (None, "lora"), f"recover.method must be lora or empty, got {self.method!r}")
+        _check(self.steps >= 1 and self.batch_size >= 1, "recover.steps and recover.batch_size must be >= 1")
+        _check(self.lr > 0 and self.lora_r >= 1, "recover.lr must be positive and recover.lora_r >= 1")
+        _check(self.seq_len >= 2 and self.num_blocks >= 1, "recover.seq_len >= 2 and recover.num_blocks >= 1")
+        _check(0.0 <= self.heldout_fraction < 1.0, "recover.heldout_fraction must be in [0, 1)")
+        _check(self.distill_temperature > 0 and self.distill_weight >= 0, "distillation settings must be positive")
+
+
+@dataclass
 class PruneConfig:
     """Everything ``dms-llm prune`` needs besides the model."""
 
@@ -117,6 +154,7 @@ class PruneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
 
     def validate(self) -> PruneConfig:
         if self.params is not None:
@@ -142,6 +180,7 @@ class PruneConfig:
         self.data.validate()
         self.search.validate()
         self.eval.validate()
+        self.recover.validate()
         return self
 
     @classmethod

@@ -12,6 +12,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
+
 from accelerate import Accelerator
 from torch import nn
 
@@ -50,6 +52,8 @@ def prune(
         sources = prepare_perplexity_sources(tokenizer, config.eval.ppl)
         dense_eval = evaluate_model(model, tokenizer, config.eval, sources, progress=progress)
 
+    # distillation needs the dense model after the search has pruned it in place: keep a copy
+    teacher = copy.deepcopy(model) if config.recover.method == "lora" and config.recover.distill else None
     masks = MaskSet(
         model,
         targets=config.targets,
@@ -103,6 +107,13 @@ def prune(
             "pruned": perplexity(model, data.heldout, seq_len, config.eval.batch_size),
             "tokens": int(data.heldout.numel()),
         }
+    if config.recover.method == "lora":
+        from .recover import recover
+
+        model, report.recovery = recover(model, tokenizer, config.recover, teacher, config.seed, progress)
+        del teacher
+        if heldout:
+            report.perplexity["recovered"] = perplexity(model, data.heldout, seq_len, config.eval.batch_size)
     if full_eval:
         report.evaluation = {
             "dense": dense_eval,

@@ -42,6 +42,7 @@ class PruneReport:
     search: dict = field(default_factory=dict)
     perplexity: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)  # {"dense": ..., "pruned": ...} from evaluate_model
+    recovery: dict = field(default_factory=dict)  # LoRA recovery settings, history, perplexities
     command: str | None = None
     versions: dict = field(default_factory=versions)
 
@@ -127,7 +128,20 @@ class PruneReport:
             q = self.perplexity
             console.print(
                 f"perplexity ({Path(q['source']).name}, held-out tail, seq {q['seq_len']}): "
-                f"dense {q['dense']:.3f} -> pruned {q['pruned']:.3f}",
+                f"dense {q['dense']:.3f} -> pruned {q['pruned']:.3f}"
+                + (f" -> recovered {q['recovered']:.3f}" if "recovered" in q else ""),
+                soft_wrap=True,
+            )
+        if self.recovery:
+            r = self.recovery
+            console.print(
+                f"recovery: LoRA r={r['lora_r']} on {Path(str(r['data'])).name}, {r['steps']} steps"
+                + (", distilled from the dense model" if r["distill"] else "")
+                + (
+                    f"; its held-out ppl {r['heldout_before']:.3f} -> {r['heldout_after']:.3f}"
+                    if r.get("heldout_before")
+                    else ""
+                ),
                 soft_wrap=True,
             )
         if self.search:
