@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,8 +34,11 @@ PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--targets": ("targets", str, "what to prune: a subset of heads,channels,layers"),
     "--layout": ("layout", str, "per_layer (default) or uniform (stock config, loads anywhere)"),
     "--seed": ("seed", int, "random seed"),
+    "--mode": ("search.mode", str, "structure (weights frozen, default) or joint (weights train too)"),
+    "--grad-accum": ("search.grad_accum", int, "micro-batches per step and process"),
     "--dtype": ("dtype", str, "auto, float32, bfloat16 or float16"),
     "--device": ("device", str, "auto, cpu, cuda, cuda:N"),
+    "--device-map": ("device_map", str, "auto: spread the model's layers over all GPUs of this process"),
     "--eval-seq-len": ("eval.seq_len", int, "perplexity window in tokens (default 128)"),
     "--eval-ppl": ("eval.ppl", str, "also evaluate perplexity on: wikitext2,ptb,c4 or text files"),
     "--eval-tasks": ("eval.tasks", str, "also run lm-eval tasks (names, or 'default' for the 7 standard)"),
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     prune = verbs.add_parser("prune", help="prune a model to a parameter budget")
-    prune.add_argument("model", help="Hugging Face model name or local folder")
+    prune.add_argument("model", nargs="?", help="Hugging Face model name or local folder (default: the recipe's)")
     prune.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. search.steps=500")
     prune.add_argument("--recipe", help="recipe name (see `dms-llm recipes`) or YAML file")
     prune.add_argument("--output-dir", "-o", help="where to write the pruned model (default: ./NAME-dms-RATIO)")
@@ -68,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity")
     prune.add_argument("--eval", action="store_true", help="evaluate dense and pruned (WikiText-2 + 7 tasks)")
     prune.add_argument("--distill", action="store_true", help="distil from the dense model during --recover")
+    prune.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the result with a model card")
+    prune.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
     prune.add_argument("--quiet", action="store_true", help="no progress bar")
+    prune.add_argument("--resume", action="store_true", help="continue an interrupted search from its saved state")
     for flag, (key, kind, text) in PRUNE_FLAGS.items():
         prune.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text)
     prune.set_defaults(func=cmd_prune)
@@ -107,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--quiet", action="store_true")
     recover.set_defaults(func=cmd_recover)
 
+    push = verbs.add_parser("push", help="upload a pruned checkpoint to the Hub with a generated model card")
+    push.add_argument("model", help="checkpoint folder written by dms-llm")
+    push.add_argument("repo_id", help="user/name on the Hugging Face Hub")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", help="branch to upload to (created if missing)")
+    push.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the saved login)")
+    push.add_argument("--commit-message")
+    push.add_argument("--license", help="licence for the card (default: the base model's)")
+    push.set_defaults(func=cmd_push)
+
     recipes = verbs.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=cmd_recipes)
     return parser
@@ -144,31 +161,64 @@ def _default_output(model: str, config) -> str:
 def cmd_prune(args: argparse.Namespace) -> int:
     import json
 
+    from .config import recipe_model
+
+    args.model = args.model or (recipe_model(args.recipe) if args.recipe else None)
+    if not args.model:
+        raise DMSError("name the model to prune (a Hub name or a folder), or a --recipe that names one")
     from .checkpoint import check_output_dir, save_pruned
 
     config = _prune_config(args)
     output_dir = check_output_dir(args.output_dir or _default_output(args.model, config), args.overwrite)
     _check_before_loading(args.model, config)
 
+    from accelerate import Accelerator
     from rich.console import Console
 
     from .checkpoint import load_model
     from .pipeline import prune
 
-    console = Console()
-    if args.quiet:
+    accelerator = Accelerator()  # one process, or each rank of `accelerate launch -m dms_llm prune ...`
+    main = accelerator.is_main_process
+    console = Console(quiet=not main)
+    if args.quiet or not main:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    console.print(f"loading {args.model} ...")
-    model, tokenizer = load_model(args.model, dtype=config.dtype, device=config.device)
-    model, report = prune(model, tokenizer, config, progress=not args.quiet)
+    device = str(accelerator.device) if config.device == "auto" else config.device
+    state_dir = output_dir.with_name(f".{output_dir.name}.search-state")
+    console.print(f"loading {args.model} ...", markup=False, highlight=False)
+    if config.device_map and accelerator.num_processes > 1:
+        raise DMSError("--device-map shards one model in one process; do not combine it with accelerate launch")
+    model, tokenizer = load_model(args.model, dtype=config.dtype, device=device, device_map=config.device_map)
+    if main and state_dir.exists() and not args.resume:
+        console.print(f"note: {state_dir} holds an interrupted search; pass --resume to continue it", markup=False)
+    model, report = prune(
+        model,
+        tokenizer,
+        config,
+        progress=not args.quiet,
+        accelerator=accelerator,
+        state_dir=state_dir,
+        resume=args.resume,
+    )
+    if not main:
+        return 0
     report.model = args.model
     report.command = "dms-llm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["prune"] else None
     extra = {"eval.json": json.dumps(report.evaluation, indent=2) + "\n"} if report.evaluation else None
     save_pruned(model, tokenizer, output_dir, report=report.to_dict(), overwrite=args.overwrite, extra_files=extra)
+    shutil.rmtree(state_dir, ignore_errors=True)  # the checkpoint is safe: the search state is not needed
     sys.stdout.write(report.render(width=max(console.width, 100)))
     print(f"saved to {output_dir}")
+    if args.push_to_hub:
+        from .hub import push_to_hub
+
+        try:
+            url = push_to_hub(output_dir, args.push_to_hub, private=args.private)
+        except DMSError as error:
+            raise DMSError(f"saved to {output_dir}, but {error}") from None
+        print(f"uploaded to {args.push_to_hub}: {url}")
     return 0
 
 
@@ -230,6 +280,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     staging.write_text(json.dumps(result, indent=2) + "\n")
     staging.replace(output)  # atomic: a reader never sees half a file
     print(f"wrote {output}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    url = push_to_hub(
+        args.model,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        token=args.token,
+        commit_message=args.commit_message,
+        license=args.license,
+    )
+    print(f"uploaded {args.model} to {args.repo_id}: {url}")
     return 0
 
 

@@ -45,9 +45,10 @@ class DataConfig:
 class SearchConfig:
     """The DMS calibration loop."""
 
-    mode: str = "structure"  # weights frozen, only keep ratios learn
+    mode: str = "structure"  # weights frozen, only keep ratios learn; "joint": weights train too
     steps: int = 300
-    batch_size: int = 8
+    batch_size: int = 8  # blocks per micro-batch and process
+    grad_accum: int = 1  # micro-batches per step and process
     lr: float = 0.02
     budget_weight: float = 10.0
     decay_fraction: float = 0.6  # the target decays from full size to the budget over this part
@@ -61,9 +62,14 @@ class SearchConfig:
     layer_score_every: int = 50
     score_blocks: int = 16  # blocks used for layer scores and the layer guard
     gradient_checkpointing: bool = False
+    save_every: int = 50  # steps between resumable state saves (0: never)
+    weight_lr: float = 1e-4  # joint mode: learning rate of the weights
+    distill_weight: float = 1.0  # joint mode: weight of the KL to the dense teacher (0: no teacher)
 
     def validate(self) -> None:
-        _check(self.mode == "structure", f"search.mode {self.mode!r} is not available; use 'structure'")
+        _check(self.mode in ("structure", "joint"), f"search.mode must be structure or joint, got {self.mode!r}")
+        _check(self.grad_accum >= 1 and self.save_every >= 0, "search.grad_accum >= 1 and search.save_every >= 0")
+        _check(self.weight_lr > 0 and self.distill_weight >= 0, "search.weight_lr > 0, search.distill_weight >= 0")
         _check(self.steps >= 1, "search.steps must be at least 1")
         _check(self.batch_size >= 1, "search.batch_size must be at least 1")
         _check(self.lr > 0, "search.lr must be positive")
@@ -151,6 +157,7 @@ class PruneConfig:
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None  # "auto": spread one big model's layers over the GPUs (Accelerate)
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -81,6 +81,7 @@ class MaskSet:
         self.frozen: dict[str, list[Tensor]] = {}
         self.active: dict[str, list[Tensor]] | None = None
         self._counts: dict[str, Tensor] = {}
+        self._pending: dict[tuple[str, int], Tensor] = {}  # squared mask gradients not yet averaged in
         self._handles: list = []
         self._attach()
 
@@ -196,33 +197,43 @@ class MaskSet:
         return counter.count_masked(layers, units.to(device), channels.to(device))
 
     # ---- importance --------------------------------------------------------------------
+    def collect_scores(self, scale: float = 1.0) -> None:
+        """Add this micro-batch's squared mask gradients ``(scale * dL/dm)^2`` to the pending scores.
+
+        ``scale`` undoes a loss divided by the number of micro-batches, so each micro-batch
+        contributes the squared gradient of its own mean loss.
+        """
+        for kind, masks in (self.active or {}).items():
+            if kind in self.frozen or (kind == "layers" and self.layer_scores_external):
+                continue
+            for index, mask in enumerate(masks):
+                if mask.grad is not None:
+                    score = (mask.grad.detach().float() * scale).pow(2)
+                    key = (kind, index)
+                    self._pending[key] = self._pending[key] + score if key in self._pending else score
+
     def update_importance(self, beta: float = 0.99, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
-        """EMA of squared mask gradients (after ``backward``).
+        """EMA of squared mask gradients (after ``backward``), summed over micro-batches and ranks.
 
         The score of an element is ``(dL/dm)^2``: for a kept element (m = 1) this is the
         Taylor estimate of the loss change if it were removed; for a masked one (m = 0) it is
         the estimate of the change if it came back, so masked elements can return. ``reduce``
         sums the scores over data-parallel ranks so every rank keeps identical masks.
         """
-        if not self.active:
+        if not self._pending:
+            self.collect_scores()
+        if not self._pending:
             return
-        entries = [
-            (kind, index, mask.grad)
-            for kind in self.targets
-            if kind not in self.frozen and not (kind == "layers" and self.layer_scores_external)
-            for index, mask in enumerate(self.active[kind])
-            if mask.grad is not None
-        ]
-        if not entries:
-            return
-        scores = torch.cat([grad.detach().float().pow(2).reshape(-1) for _, _, grad in entries])
+        keys = sorted(self._pending, key=lambda key: (TARGETS.index(key[0]), key[1]))  # same order on every rank
+        scores = torch.cat([self._pending[key].reshape(-1) for key in keys])
         if reduce is not None:
             scores = reduce(scores)
         offset = 0
-        for kind, index, grad in entries:
-            score = scores[offset : offset + grad.numel()].to(self.importance[kind][index].device)
-            offset += grad.numel()
-            self.importance[kind][index].mul_(beta).add_(score, alpha=1.0 - beta)
+        for kind, index in keys:
+            group = self.importance[kind][index]
+            group.mul_(beta).add_(scores[offset : offset + group.numel()].to(group.device), alpha=1.0 - beta)
+            offset += group.numel()
+        self._pending = {}
 
     layer_scores_external = False
 

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 from accelerate import Accelerator
 from torch import nn
@@ -36,8 +37,14 @@ def prune(
     calibration: CalibrationData | None = None,
     accelerator: Accelerator | None = None,
     progress: bool = True,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> tuple[nn.Module, PruneReport]:
-    """Prune ``model`` in place to the configured budget; returns (model, report)."""
+    """Prune ``model`` in place to the configured budget; returns (model, report).
+
+    ``state_dir`` keeps a resumable search state (every ``search.save_every`` steps);
+    ``resume=True`` continues from it when it exists.
+    """
     config = (config or PruneConfig()).validate()
     adapter = get_adapter(model.config)
     geometry = adapter.geometry(model)
@@ -45,15 +52,18 @@ def prune(
     budget = resolve_budget(counter, config.ratio, config.params, config.targets)
     data = calibration or calibration_blocks(tokenizer, config.data, config.seed)
     seq_len = config.eval.seq_len
-    heldout = config.eval.heldout and data.heldout.numel() >= seq_len
+    main = accelerator is None or accelerator.is_main_process  # other ranks only help the search
+    heldout = main and config.eval.heldout and data.heldout.numel() >= seq_len
     dense_ppl = perplexity(model, data.heldout, seq_len, config.eval.batch_size) if heldout else None
-    full_eval = bool(config.eval.ppl or config.eval.tasks)
+    full_eval = main and bool(config.eval.ppl or config.eval.tasks)
     if full_eval:  # the dense model is evaluated now: the search below prunes it in place
         sources = prepare_perplexity_sources(tokenizer, config.eval.ppl)
         dense_eval = evaluate_model(model, tokenizer, config.eval, sources, progress=progress)
 
     # distillation needs the dense model after the search has pruned it in place: keep a copy
-    teacher = copy.deepcopy(model) if config.recover.method == "lora" and config.recover.distill else None
+    distill_recovery = config.recover.method == "lora" and config.recover.distill
+    distill_search = config.search.mode == "joint" and config.search.distill_weight > 0
+    teacher = copy.deepcopy(model).requires_grad_(False) if distill_recovery or distill_search else None
     masks = MaskSet(
         model,
         targets=config.targets,
@@ -76,6 +86,9 @@ def prune(
             seed=config.seed,
             accelerator=accelerator,
             progress=progress,
+            teacher=teacher if distill_search else None,
+            state_dir=state_dir,
+            resume=resume,
         )
     finally:
         masks.remove()
@@ -111,9 +124,9 @@ def prune(
         from .recover import recover
 
         model, report.recovery = recover(model, tokenizer, config.recover, teacher, config.seed, progress)
-        del teacher
         if heldout:
             report.perplexity["recovered"] = perplexity(model, data.heldout, seq_len, config.eval.batch_size)
+    del teacher
     if full_eval:
         report.evaluation = {
             "dense": dense_eval,

@@ -12,6 +12,12 @@ Schedule over ``steps``:
 3. refine: heads and layers frozen as hard masks, channel ratios keep learning.
 4. landing: a deterministic fit puts the model at or under the target (``refit``).
 
+Each step averages ``grad_accum`` micro-batches on every data-parallel rank: keep-ratio gradients
+are averaged and squared mask gradients summed over micro-batches and ranks, so every rank holds
+identical masks, and one process with ``grad_accum = N`` reproduces N processes exactly. In
+``joint`` mode the weights train too (optionally distilled from the dense teacher). With a
+``state_dir`` the state is saved every ``save_every`` steps and ``resume`` continues from it.
+
 Example:
     >>> result = search(model, masks, counter, budget, calib_blocks, SearchConfig(steps=300))  # doctest: +SKIP
     >>> result.architecture.kept_layers                                                     # doctest: +SKIP
@@ -21,7 +27,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -32,9 +40,10 @@ from .architecture import Architecture
 from .budget import Budget, ParamCounter, budget_penalty
 from .config import SearchConfig
 from .errors import DMSError
-from .evaluate import mean_loss
 from .masks import MaskSet
-from .refit import count_params, fit_counts
+from .refit import count_params
+from .search_state import load_state, restore_state, save_state, saved_weights
+from .structure import guard_layers, land, measure_layer_scores, snap_uniform_heads
 
 
 @dataclass
@@ -71,142 +80,6 @@ def _batch_order(num_blocks: int, steps: int, batch_size: int, seed: int) -> tor
     return torch.cat([torch.randperm(num_blocks, generator=generator) for _ in range(epochs)])[:needed]
 
 
-@torch.no_grad()
-def _hard_loss(model: nn.Module, masks: MaskSet, blocks: torch.Tensor, arch: Architecture | None = None) -> float:
-    """Loss of the hard-masked model (of ``arch`` when given) on fixed blocks."""
-    saved_frozen, saved_mode = dict(masks.frozen), masks.mode
-    try:
-        if arch is not None:
-            masks.set_architecture(arch)
-        masks.mode = "hard"
-        masks.refresh()
-        return mean_loss(model, blocks)
-    finally:
-        masks.frozen, masks.mode = saved_frozen, saved_mode
-        masks.deactivate()
-
-
-@torch.no_grad()
-def measure_layer_scores(model: nn.Module, masks: MaskSet, blocks: torch.Tensor) -> torch.Tensor:
-    """Loss change when each layer is toggled: removal cost if kept, gain of restoring if dropped."""
-    saved_mode = masks.mode
-    masks.mode = "hard"
-    try:
-        masks.refresh()
-        base = mean_loss(model, blocks)
-        layer_mask = masks.active["layers"][0]
-        scores = torch.zeros_like(layer_mask)
-        for index in range(layer_mask.numel()):
-            toggled = layer_mask.clone()
-            toggled[index] = 1.0 - toggled[index]
-            masks.active["layers"] = [toggled]
-            loss = mean_loss(model, blocks)
-            scores[index] = (loss - base) if layer_mask[index] > 0.5 else (base - loss)
-            masks.active["layers"] = [layer_mask]
-        return scores
-    finally:
-        masks.mode = saved_mode
-        masks.deactivate()
-
-
-def land(masks: MaskSet, counter: ParamCounter, budget: Budget, arch: Architecture) -> Architecture | None:
-    """``arch`` with heads/channels adjusted (layers kept) to land on the budget, or None.
-
-    Frozen heads may move here too: freezing keeps the structure stable while channels refine,
-    it does not forbid the final landing from adding or removing a unit.
-    """
-    adjustable = [k for k in ("channels", "heads") if k in masks.targets]
-    counts = fit_counts(
-        counter,
-        budget,
-        arch.kept_layers,
-        masks.counts(arch),
-        masks.margin,
-        adjustable,
-        uniform=masks.uniform,
-        allowed_units=masks.allowed_units,
-    )
-    return None if counts is None else masks.architecture_for(arch.kept_layers, counts)
-
-
-def snap_uniform_heads(
-    model: nn.Module,
-    masks: MaskSet,
-    counter: ParamCounter,
-    budget: Budget,
-    blocks: torch.Tensor,
-    arch: Architecture,
-) -> Architecture:
-    """Uniform layout: move the shared head count to the nearest value the stock config accepts.
-
-    Both neighbours are landed on the budget (channels absorb the difference) and the one with
-    the lower calibration loss wins.
-    """
-    allowed = masks.allowed_units
-    current = arch.unit_counts()[0]
-    if not allowed or current in allowed:
-        return arch
-    best, best_loss = arch, float("inf")
-    for value in (
-        max([a for a in allowed if a < current], default=None),
-        min([a for a in allowed if a > current], default=None),
-    ):
-        if value is None:
-            continue
-        counts = masks.counts(arch)
-        counts["heads"] = [value] * len(counts["heads"])
-        fitted = fit_counts(
-            counter,
-            budget,
-            arch.kept_layers,
-            counts,
-            masks.margin,
-            [k for k in ("channels",) if k in masks.targets],
-            uniform=True,
-        )
-        if fitted is None:
-            continue
-        candidate = masks.architecture_for(arch.kept_layers, fitted)
-        loss = _hard_loss(model, masks, blocks, candidate)
-        if loss < best_loss:
-            best, best_loss = candidate, loss
-    return best
-
-
-def guard_layers(
-    model: nn.Module, masks: MaskSet, counter: ParamCounter, budget: Budget, blocks: torch.Tensor
-) -> tuple[Architecture, list[dict]]:
-    """Restore every dropped layer whose parameters are better spent on its own heads/channels."""
-    arch = masks.architecture()
-    decisions: list[dict] = []
-    dropped = [i for i in range(arch.num_layers) if i not in arch.kept_layers]
-    if not dropped:
-        return arch, decisions
-    current = land(masks, counter, budget, arch) or arch
-    current_loss = _hard_loss(model, masks, blocks, current)
-    scores = masks.importance["layers"][0]
-    for layer in sorted(dropped, key=lambda i: -float(scores[i])):
-        candidate = land(
-            masks,
-            counter,
-            budget,
-            Architecture(**{**current.to_dict(), "kept_layers": sorted([*current.kept_layers, layer])}),
-        )
-        candidate_loss = _hard_loss(model, masks, blocks, candidate) if candidate is not None else float("inf")
-        restored = candidate_loss < current_loss
-        decisions.append(
-            {
-                "layer": layer,
-                "drop_loss": round(current_loss, 5),
-                "keep_loss": round(candidate_loss, 5),
-                "dropped": not restored,
-            }
-        )
-        if restored:
-            current, current_loss = candidate, candidate_loss
-    return current, decisions
-
-
 def search(
     model: nn.Module,
     masks: MaskSet,
@@ -217,71 +90,124 @@ def search(
     seed: int = 0,
     accelerator: Accelerator | None = None,
     progress: bool = True,
+    teacher: nn.Module | None = None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[int, dict], None] | None = None,
 ) -> SearchResult:
     """Run the DMS search on ``blocks`` (N, seq_len); returns the landed architecture."""
     accelerator = accelerator or Accelerator()
     torch.manual_seed(seed)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    joint = config.mode == "joint"
+    model.requires_grad_(joint)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # transformers only checkpoints in training mode; Llama has no dropout
-    else:
-        model.eval()
+    # transformers only checkpoints in training mode; Llama-family models have no dropout
+    model.train(config.gradient_checkpointing or joint)
+    optimizers = {"ratios": torch.optim.Adam(masks.parameters(), lr=config.lr)}
+    forward = model
+    if joint:
+        optimizers["weights"] = torch.optim.AdamW(model.parameters(), lr=config.weight_lr, weight_decay=0.0)
+        if accelerator.num_processes > 1:
+            forward = accelerator.prepare_model(model)  # DDP/FSDP from the accelerate config: weight grads sync
     device = model.get_input_embeddings().weight.device
-    optimizer = torch.optim.Adam(masks.parameters(), lr=config.lr)
-    steps = config.steps
+    steps, accum = config.steps, config.grad_accum
     decay_steps = int(round(config.decay_fraction * steps))
     refine_start = int(round((1.0 - config.refine_fraction) * steps))
     world, rank = accelerator.num_processes, accelerator.process_index
-    order = _batch_order(blocks.shape[0], steps, config.batch_size * world, seed)
+    chunk = config.batch_size
+    order = _batch_order(blocks.shape[0], steps, chunk * world * accum, seed)
     score_blocks = blocks[: config.score_blocks]
     masks.mode = config.mask_forward
     use_layer_scores = "layers" in masks.targets and config.layer_importance == "skip_loss"
     reduce = (lambda t: accelerator.reduce(t, "sum")) if world > 1 else None
     result = SearchResult(masks.architecture(), counter.total, 0.0)
+    fingerprint = {  # a state only resumes the same run (how often it is saved may change)
+        "search": {k: v for k, v in asdict(config).items() if k != "save_every"},
+        "seed": seed,
+        "target": budget.target,
+        "blocks": list(blocks.shape),
+        "world": world,
+        "targets": list(masks.targets),
+        "uniform": masks.uniform,
+    }
+    start_step = 0
+    if resume and state_dir is not None and (state := load_state(state_dir)) is not None:
+        tensors, meta = state
+        start_step = restore_state(tensors, meta, masks, optimizers, fingerprint)
+        if joint:
+            model.load_state_dict(saved_weights(tensors), strict=False)
+        result.history, result.layer_decisions = meta["history"], meta["layer_decisions"]
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="DMS search", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(
+        range(start_step, steps),
+        desc="DMS search",
+        initial=start_step,
+        total=steps,
+        disable=not (progress and accelerator.is_main_process),
+    )
     for step in bar:
-        if step == refine_start and step > 0:
-            arch, result.layer_decisions = (
-                guard_layers(model, masks, counter, budget, score_blocks)
-                if "layers" in masks.targets
-                else (masks.architecture(), [])
-            )
-            arch = snap_uniform_heads(model, masks, counter, budget, score_blocks, arch)
-            masks.set_keep_counts(masks.counts(arch))
-            masks.freeze("layers", arch)
-            masks.freeze("heads", arch)
+        if step == refine_start and step > 0 and "heads" not in masks.frozen:
+            result.layer_decisions = _settle_structure(model, masks, counter, budget, score_blocks)
         if use_layer_scores and "layers" not in masks.frozen and step % config.layer_score_every == 0:
             masks.set_layer_importance(measure_layer_scores(model, masks, score_blocks))
-        global_batch = order[step * config.batch_size * world : (step + 1) * config.batch_size * world]
-        batch = blocks[global_batch[rank * config.batch_size : (rank + 1) * config.batch_size]].to(device)
-        masks.refresh()
-        with accelerator.autocast():
-            task_loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        params = masks.param_count(counter)
+        global_batch = order[step * chunk * world * accum : (step + 1) * chunk * world * accum]
         target = budget.target_at(step, decay_steps)
-        loss = task_loss.float() + budget_penalty(params, target, config.budget_weight).float()
-        accelerator.backward(loss)
+        task_total = 0.0
+        for micro in range(accum):
+            part = rank * accum + micro
+            batch = blocks[global_batch[part * chunk : (part + 1) * chunk]].to(device)
+            masks.refresh()
+            with accelerator.autocast():
+                output = forward(input_ids=batch, labels=batch, use_cache=False)
+                task = output.loss.float()
+                if teacher is not None and joint:
+                    from .recover import distillation_loss
+
+                    with torch.no_grad():
+                        teacher_logits = teacher(input_ids=batch, use_cache=False).logits
+                    task = task + config.distill_weight * distillation_loss(output.logits, teacher_logits, 1.0)
+            loss = task / accum
+            if micro == 0:  # the budget term depends on the masks only: once per step
+                params = masks.param_count(counter)
+                loss = loss + budget_penalty(params, target, config.budget_weight).float()
+            accelerator.backward(loss)
+            masks.collect_scores(scale=accum)
+            task_total += task.detach().item() / accum
         masks.update_importance(config.importance_beta, reduce)
         if world > 1:
             for parameter in masks.parameters():
                 if parameter.grad is not None:
                     parameter.grad = accelerator.reduce(parameter.grad, "mean")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers.values():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         masks.clamp_()
         masks.deactivate()
+        penalty = budget_penalty(params.detach(), target, config.budget_weight).item()
         record = {
             "step": step,
-            "loss": round(loss.detach().item(), 5),
-            "task_loss": round(task_loss.detach().item(), 5),
+            "loss": round(task_total + penalty, 5),
+            "task_loss": round(task_total, 5),
             "params": int(round(params.detach().item())),
             "target": int(target),
         }
         result.history.append(record)
         bar.set_postfix_str(_postfix(masks, record))
+        if state_dir is not None and config.save_every and (step + 1) % config.save_every == 0:
+            if accelerator.is_main_process:
+                weights = model.state_dict() if joint else None
+                save_state(
+                    state_dir,
+                    step + 1,
+                    masks,
+                    optimizers,
+                    {"fingerprint": fingerprint, "history": result.history, "layer_decisions": result.layer_decisions},
+                    weights,
+                )
+            accelerator.wait_for_everyone()
+        if on_step is not None:
+            on_step(step, record)
     arch = snap_uniform_heads(model, masks, counter, budget, score_blocks, masks.architecture())
     landed = land(masks, counter, budget, arch)
     while landed is None:  # too many layers kept to fit: drop the least important and retry
@@ -297,8 +223,23 @@ def search(
     result.seconds = time.perf_counter() - start
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
+    model.requires_grad_(False)
     model.eval()
     return result
+
+
+def _settle_structure(model, masks: MaskSet, counter, budget, score_blocks) -> list[dict]:
+    """Refine starts: guard the dropped layers, snap uniform heads, then freeze heads and layers."""
+    arch, decisions = (
+        guard_layers(model, masks, counter, budget, score_blocks)
+        if "layers" in masks.targets
+        else (masks.architecture(), [])
+    )
+    arch = snap_uniform_heads(model, masks, counter, budget, score_blocks, arch)
+    masks.set_keep_counts(masks.counts(arch))
+    masks.freeze("layers", arch)
+    masks.freeze("heads", arch)
+    return decisions
 
 
 def _postfix(masks: MaskSet, record: dict) -> str:

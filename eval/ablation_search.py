@@ -67,11 +67,16 @@ def main() -> None:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 data = calibration_blocks(tokenizer, config.data, seed=seed)
                 model = copy.deepcopy(dense)
-                masks = MaskSet(model, config.targets, uniform=config.layout == "uniform", temperatures={
-                    "heads": config.search.temperature_heads,
-                    "channels": config.search.temperature_channels,
-                    "layers": config.search.temperature_layers,
-                })
+                masks = MaskSet(
+                    model,
+                    config.targets,
+                    uniform=config.layout == "uniform",
+                    temperatures={
+                        "heads": config.search.temperature_heads,
+                        "channels": config.search.temperature_channels,
+                        "layers": config.search.temperature_layers,
+                    },
+                )
                 counter = ParamCounter.from_model(model, masks.adapter)
                 budget = resolve_budget(counter, ratio=ratio, targets=config.targets)
                 start = time.perf_counter()
@@ -80,8 +85,14 @@ def main() -> None:
                 masks.remove()
                 slice_model(model, result.architecture)
                 values.append(perplexity(model, data.heldout, config.eval.seq_len))
-            row = {"variant": name, "overrides": overrides, "ratio": ratio, "heldout_ppl": values,
-                   "mean": statistics.mean(values), "seconds": round(statistics.mean(seconds), 1)}
+            row = {
+                "variant": name,
+                "overrides": overrides,
+                "ratio": ratio,
+                "heldout_ppl": values,
+                "mean": statistics.mean(values),
+                "seconds": round(statistics.mean(seconds), 1),
+            }
             rows.append(row)
             print(f"{name:55s} ratio {ratio}: {row['mean']:.2f} {[round(v, 2) for v in values]}", flush=True)
     write(Path(args.out), rows, args)

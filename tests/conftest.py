@@ -70,6 +70,16 @@ def stories():
     return model, tokenizer
 
 
+@pytest.fixture
+def calib(stories):
+    """Calibration blocks (96 x 128 tokens) and the held-out tail of the real TinyStories text."""
+    from dms_llm.config import DataConfig
+    from dms_llm.data import calibration_blocks
+
+    _, tokenizer = stories
+    return calibration_blocks(tokenizer, DataConfig(calib=str(TINYSTORIES), num_blocks=96, seq_len=128), seed=0)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

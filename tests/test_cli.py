@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -156,7 +157,7 @@ def test_every_shipped_recipe_validates(name):
     config.validate()
     header = available_recipes()[name].read_text().splitlines()[0]
     assert header.startswith("# "), "a recipe starts with a comment saying what it is for"
-    assert "dms-llm prune" in available_recipes()[name].read_text(), "a recipe shows its command"
+    assert re.search(r"dms[-_]llm prune", available_recipes()[name].read_text()), "a recipe shows its command"
 
 
 def test_malformed_recipes_are_rejected(tmp_path):
@@ -175,3 +176,18 @@ def test_recipes_verb_lists_recipes():
     result = dms_llm("recipes")
     assert result.returncode == 0
     assert "stories260k" in result.stdout
+
+
+def test_importing_dms_llm_loads_no_peft_no_lm_eval_and_no_cuda():
+    code = (
+        "import sys, torch, dms_llm\n"
+        "assert 'peft' not in sys.modules, 'peft imported'\n"
+        "assert 'lm_eval' not in sys.modules, 'lm_eval imported'\n"
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"
+        "print('clean')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "clean"

@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-from conftest import TINYSTORIES, require_shared
 
 from dms_llm.architecture import Architecture
 from dms_llm.budget import ParamCounter, resolve_budget
-from dms_llm.config import DataConfig, SearchConfig
-from dms_llm.data import calibration_blocks
+from dms_llm.config import SearchConfig
 from dms_llm.evaluate import mean_loss
 from dms_llm.masks import MaskSet
 from dms_llm.refit import fit_counts
@@ -15,13 +13,6 @@ from dms_llm.search_loop import search
 from dms_llm.slicing import slice_model
 
 SHORT = SearchConfig(steps=80, batch_size=4, layer_score_every=20, score_blocks=8)
-
-
-@pytest.fixture
-def calib(stories):
-    require_shared()
-    _, tokenizer = stories
-    return calibration_blocks(tokenizer, DataConfig(calib=str(TINYSTORIES), num_blocks=96, seq_len=128), seed=0)
 
 
 def run(model, calib, ratio=0.2, targets=("heads", "channels", "layers"), uniform=False, config=SHORT, seed=0):

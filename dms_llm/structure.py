@@ -1,0 +1,159 @@
+"""Discrete structure decisions of the search: layer scores, the layer guard, budget landing.
+
+- ``measure_layer_scores``: the loss change when each layer is toggled (skipped if kept, restored
+  if dropped); whole layers are ranked by this, not by first-order scores, which are too flat.
+- ``guard_layers``: a dropped layer stays dropped only if that costs less loss than keeping it and
+  landing the budget with heads/channels instead ("never drop a layer that costs more than it saves").
+- ``snap_uniform_heads``: uniform layout, move the shared head count to one the stock config loads.
+- ``land``: the deterministic landing on the budget (see ``refit``).
+
+Example:
+    >>> arch, decisions = guard_layers(model, masks, counter, budget, blocks)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .architecture import Architecture
+from .budget import Budget, ParamCounter
+from .evaluate import mean_loss
+from .masks import MaskSet
+from .refit import fit_counts
+
+
+@torch.no_grad()
+def hard_loss(model: nn.Module, masks: MaskSet, blocks: torch.Tensor, arch: Architecture | None = None) -> float:
+    """Loss of the hard-masked model (of ``arch`` when given) on fixed blocks."""
+    saved_frozen, saved_mode = dict(masks.frozen), masks.mode
+    try:
+        if arch is not None:
+            masks.set_architecture(arch)
+        masks.mode = "hard"
+        masks.refresh()
+        return mean_loss(model, blocks)
+    finally:
+        masks.frozen, masks.mode = saved_frozen, saved_mode
+        masks.deactivate()
+
+
+@torch.no_grad()
+def measure_layer_scores(model: nn.Module, masks: MaskSet, blocks: torch.Tensor) -> torch.Tensor:
+    """Loss change when each layer is toggled: removal cost if kept, gain of restoring if dropped."""
+    saved_mode = masks.mode
+    masks.mode = "hard"
+    try:
+        masks.refresh()
+        base = mean_loss(model, blocks)
+        layer_mask = masks.active["layers"][0]
+        scores = torch.zeros_like(layer_mask)
+        for index in range(layer_mask.numel()):
+            toggled = layer_mask.clone()
+            toggled[index] = 1.0 - toggled[index]
+            masks.active["layers"] = [toggled]
+            loss = mean_loss(model, blocks)
+            scores[index] = (loss - base) if layer_mask[index] > 0.5 else (base - loss)
+            masks.active["layers"] = [layer_mask]
+        return scores
+    finally:
+        masks.mode = saved_mode
+        masks.deactivate()
+
+
+def land(masks: MaskSet, counter: ParamCounter, budget: Budget, arch: Architecture) -> Architecture | None:
+    """``arch`` with heads/channels adjusted (layers kept) to land on the budget, or None.
+
+    Frozen heads may move here too: freezing keeps the structure stable while channels refine,
+    it does not forbid the final landing from adding or removing a unit.
+    """
+    adjustable = [k for k in ("channels", "heads") if k in masks.targets]
+    counts = fit_counts(
+        counter,
+        budget,
+        arch.kept_layers,
+        masks.counts(arch),
+        masks.margin,
+        adjustable,
+        uniform=masks.uniform,
+        allowed_units=masks.allowed_units,
+    )
+    return None if counts is None else masks.architecture_for(arch.kept_layers, counts)
+
+
+def snap_uniform_heads(
+    model: nn.Module,
+    masks: MaskSet,
+    counter: ParamCounter,
+    budget: Budget,
+    blocks: torch.Tensor,
+    arch: Architecture,
+) -> Architecture:
+    """Uniform layout: move the shared head count to the nearest value the stock config accepts.
+
+    Both neighbours are landed on the budget (channels absorb the difference) and the one with
+    the lower calibration loss wins.
+    """
+    allowed = masks.allowed_units
+    current = arch.unit_counts()[0]
+    if not allowed or current in allowed:
+        return arch
+    best, best_loss = arch, float("inf")
+    for value in (
+        max([a for a in allowed if a < current], default=None),
+        min([a for a in allowed if a > current], default=None),
+    ):
+        if value is None:
+            continue
+        counts = masks.counts(arch)
+        counts["heads"] = [value] * len(counts["heads"])
+        fitted = fit_counts(
+            counter,
+            budget,
+            arch.kept_layers,
+            counts,
+            masks.margin,
+            [k for k in ("channels",) if k in masks.targets],
+            uniform=True,
+        )
+        if fitted is None:
+            continue
+        candidate = masks.architecture_for(arch.kept_layers, fitted)
+        loss = hard_loss(model, masks, blocks, candidate)
+        if loss < best_loss:
+            best, best_loss = candidate, loss
+    return best
+
+
+def guard_layers(
+    model: nn.Module, masks: MaskSet, counter: ParamCounter, budget: Budget, blocks: torch.Tensor
+) -> tuple[Architecture, list[dict]]:
+    """Restore every dropped layer whose parameters are better spent on its own heads/channels."""
+    arch = masks.architecture()
+    decisions: list[dict] = []
+    dropped = [i for i in range(arch.num_layers) if i not in arch.kept_layers]
+    if not dropped:
+        return arch, decisions
+    current = land(masks, counter, budget, arch) or arch
+    current_loss = hard_loss(model, masks, blocks, current)
+    scores = masks.importance["layers"][0]
+    for layer in sorted(dropped, key=lambda i: -float(scores[i])):
+        candidate = land(
+            masks,
+            counter,
+            budget,
+            Architecture(**{**current.to_dict(), "kept_layers": sorted([*current.kept_layers, layer])}),
+        )
+        candidate_loss = hard_loss(model, masks, blocks, candidate) if candidate is not None else float("inf")
+        restored = candidate_loss < current_loss
+        decisions.append(
+            {
+                "layer": layer,
+                "drop_loss": round(current_loss, 5),
+                "keep_loss": round(candidate_loss, 5),
+                "dropped": not restored,
+            }
+        )
+        if restored:
+            current, current_loss = candidate, candidate_loss
+    return current, decisions

@@ -1,0 +1,166 @@
+"""Data-parallel search, resume after a kill, and joint mode."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, STORIES, TINYSTORIES, require_shared
+from transformers import AutoModelForCausalLM
+
+from dms_llm.budget import ParamCounter, resolve_budget
+from dms_llm.config import SearchConfig
+from dms_llm.errors import DMSError
+from dms_llm.masks import MaskSet
+from dms_llm.search_loop import search
+from dms_llm.slicing import slice_model
+
+WORKER = ROOT / "tests" / "dp_worker.py"
+
+
+def _env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_two_process_search_matches_one_process_with_two_micro_batches(tmp_path):
+    require_shared()
+    torchrun = shutil.which("torchrun") or str(sys.executable).replace("python", "torchrun")
+    distributed = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path / "dp"), "1"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    assert distributed.returncode == 0, distributed.stderr[-3000:]
+    single = subprocess.run(
+        [sys.executable, str(WORKER), str(tmp_path / "single"), "2"], capture_output=True, text=True, env=_env()
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / "dp" / f"rank{r}.json").read_text()) for r in (0, 1))
+    alone = json.loads((tmp_path / "single" / "rank0.json").read_text())
+    assert rank0["world"] == rank1["world"] == 2 and alone["world"] == 1
+    # the ranks agree exactly: same masks, ratios and importances at the end
+    for key in ("architecture", "ratios", "importance"):
+        assert rank0[key] == rank1[key], key
+    # one process over the same blocks (2 micro-batches per step) finds the same structure
+    assert alone["architecture"] == rank0["architecture"]
+    for kind, values in alone["ratios"].items():
+        # summation order differs (all-reduce vs accumulation): ~1e-4 after 40 Adam steps
+        torch.testing.assert_close(torch.tensor(values), torch.tensor(rank0["ratios"][kind]), atol=1e-3, rtol=0)
+    mean_losses = [(a + b) / 2 for a, b in zip(rank0["losses"], rank1["losses"])]
+    torch.testing.assert_close(torch.tensor(alone["losses"]), torch.tensor(mean_losses), atol=1e-4, rtol=0)
+
+
+def fresh_run(calib, config, **kwargs):
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    masks = MaskSet(model)
+    counter = ParamCounter.from_model(model, masks.adapter)
+    budget = resolve_budget(counter, ratio=0.3)
+    result = search(model, masks, counter, budget, calib.calib, config, seed=0, progress=False, **kwargs)
+    return result, masks
+
+
+@pytest.mark.parametrize("interrupt_at", [34, 53])  # before and after heads/layers freeze (step 48)
+def test_resume_after_an_interruption_ends_with_the_same_architecture(calib, tmp_path, interrupt_at):
+    config = SearchConfig(steps=60, batch_size=4, save_every=10, layer_score_every=15, score_blocks=8)
+    expected, expected_masks = fresh_run(calib, config)
+
+    def interrupt(step, record):
+        if step == interrupt_at:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state"
+    with pytest.raises(KeyboardInterrupt):
+        fresh_run(calib, config, state_dir=state, on_step=interrupt)
+    assert json.loads((state / "state.json").read_text())["step"] == interrupt_at // 10 * 10
+    resumed, resumed_masks = fresh_run(calib, config, state_dir=state, resume=True)
+    assert resumed.architecture == expected.architecture
+    for kind in expected_masks.keep_ratios:
+        assert torch.equal(resumed_masks.keep_ratios[kind], expected_masks.keep_ratios[kind])
+    assert [h["task_loss"] for h in resumed.history] == [h["task_loss"] for h in expected.history]
+
+
+def test_resume_refuses_a_state_from_different_settings(calib, tmp_path):
+    config = SearchConfig(steps=20, batch_size=4, save_every=10, layer_score_every=10, score_blocks=8)
+    fresh_run(calib, config, state_dir=tmp_path / "state")
+    changed = SearchConfig(steps=20, batch_size=4, save_every=10, layer_score_every=10, score_blocks=8, lr=0.05)
+    with pytest.raises(DMSError, match=r"different settings \(search\)"):
+        fresh_run(calib, changed, state_dir=tmp_path / "state", resume=True)
+
+
+@pytest.mark.slow
+def test_prune_command_killed_mid_search_resumes_to_the_same_model(tmp_path):
+    require_shared()
+
+    def command(out, *extra):
+        return [
+            sys.executable,
+            "-m",
+            "dms_llm",
+            "prune",
+            str(STORIES),
+            "--ratio",
+            "0.25",
+            "--calib",
+            str(TINYSTORIES),
+            "-o",
+            str(out),
+            "--quiet",
+            "--no-eval",
+            "search.steps=200",
+            "search.save_every=20",
+            "data.num_blocks=64",
+            *extra,
+        ]
+
+    reference = subprocess.run(command(tmp_path / "reference"), capture_output=True, text=True, env=_env())
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    out = tmp_path / "killed"
+    state = tmp_path / ".killed.search-state"
+    process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 120
+    while not (state / "state.json").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (state / "state.json").exists() and not out.exists()
+    resumed = subprocess.run(command(out, "--resume"), capture_output=True, text=True, env=_env())
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not state.exists()  # cleaned up once the checkpoint is saved
+    saved = json.loads((out / "report.json").read_text())
+    expected = json.loads((tmp_path / "reference" / "report.json").read_text())
+    assert saved["architecture"] == expected["architecture"]
+    assert saved["params"] == expected["params"]
+
+
+def test_joint_mode_trains_weights_and_keeps_the_invariants(calib):
+    require_shared()
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = MaskSet(model)
+    counter = ParamCounter.from_model(model, masks.adapter)
+    budget = resolve_budget(counter, ratio=0.3)
+    config = SearchConfig(
+        mode="joint", steps=40, batch_size=4, layer_score_every=10, score_blocks=8, weight_lr=1e-3, save_every=0
+    )
+    result = search(model, masks, counter, budget, calib.calib, config, progress=False, teacher=teacher)
+    assert budget.floor <= result.params <= budget.target
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the weights trained
+    assert all(not p.requires_grad for p in model.parameters())
+    tokens = calib.heldout[:256].view(2, 128)
+    masks.mode = "hard"
+    masks.refresh()
+    with torch.no_grad():
+        masked = model(tokens).logits
+    masks.remove()
+    slice_model(model, result.architecture)
+    with torch.no_grad():
+        sliced = model(tokens).logits
+    torch.testing.assert_close(sliced, masked, atol=max(1e-5, 1.5e-6 * masked.abs().max().item()), rtol=0)
