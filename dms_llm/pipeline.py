@@ -29,6 +29,21 @@ from .search_loop import search
 from .slicing import slice_model
 
 
+def masks_for(model: nn.Module, config: PruneConfig, adapter=None) -> MaskSet:
+    """The MaskSet a config asks for: its targets, layout and temperatures."""
+    return MaskSet(
+        model,
+        targets=config.targets,
+        uniform=config.layout == "uniform",
+        temperatures={
+            "heads": config.search.temperature_heads,
+            "channels": config.search.temperature_channels,
+            "layers": config.search.temperature_layers,
+        },
+        adapter=adapter,
+    )
+
+
 def prune(
     model: nn.Module,
     tokenizer,
@@ -64,17 +79,7 @@ def prune(
     distill_recovery = config.recover.method == "lora" and config.recover.distill
     distill_search = config.search.mode == "joint" and config.search.distill_weight > 0
     teacher = copy.deepcopy(model).requires_grad_(False) if distill_recovery or distill_search else None
-    masks = MaskSet(
-        model,
-        targets=config.targets,
-        uniform=config.layout == "uniform",
-        temperatures={
-            "heads": config.search.temperature_heads,
-            "channels": config.search.temperature_channels,
-            "layers": config.search.temperature_layers,
-        },
-        adapter=adapter,
-    )
+    masks = masks_for(model, config, adapter)
     try:
         result = search(
             model,

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from dms_llm import calibration_blocks, perplexity  # noqa: E402
 from dms_llm.budget import ParamCounter, resolve_budget  # noqa: E402
 from dms_llm.config import apply_overrides, load_recipe  # noqa: E402
-from dms_llm.masks import MaskSet  # noqa: E402
+from dms_llm.pipeline import masks_for  # noqa: E402
 from dms_llm.search_loop import search  # noqa: E402
 from dms_llm.slicing import slice_model  # noqa: E402
 
@@ -67,16 +67,7 @@ def main() -> None:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 data = calibration_blocks(tokenizer, config.data, seed=seed)
                 model = copy.deepcopy(dense)
-                masks = MaskSet(
-                    model,
-                    config.targets,
-                    uniform=config.layout == "uniform",
-                    temperatures={
-                        "heads": config.search.temperature_heads,
-                        "channels": config.search.temperature_channels,
-                        "layers": config.search.temperature_layers,
-                    },
-                )
+                masks = masks_for(model, config)
                 counter = ParamCounter.from_model(model, masks.adapter)
                 budget = resolve_budget(counter, ratio=ratio, targets=config.targets)
                 start = time.perf_counter()

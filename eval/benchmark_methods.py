@@ -30,7 +30,7 @@ from dms_llm import PruneConfig, calibration_blocks, load_text, perplexity, toke
 from dms_llm.adapters import get_adapter  # noqa: E402
 from dms_llm.baselines import METHODS, one_shot  # noqa: E402
 from dms_llm.budget import ParamCounter, resolve_budget  # noqa: E402
-from dms_llm.masks import MaskSet  # noqa: E402
+from dms_llm.pipeline import masks_for  # noqa: E402
 from dms_llm.search_loop import search  # noqa: E402
 from dms_llm.slicing import slice_model  # noqa: E402
 
@@ -52,16 +52,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_dms(model, counter, budget, blocks, config: PruneConfig, seed: int):
-    masks = MaskSet(
-        model,
-        targets=config.targets,
-        uniform=config.layout == "uniform",
-        temperatures={
-            "heads": config.search.temperature_heads,
-            "channels": config.search.temperature_channels,
-            "layers": config.search.temperature_layers,
-        },
-    )
+    masks = masks_for(model, config)
     try:
         result = search(model, masks, counter, budget, blocks, config.search, seed=seed, progress=False)
     finally:
