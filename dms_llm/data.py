@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,8 +130,19 @@ def _read_named(name: str, role: str, max_rows: int | None = None) -> tuple[list
     return texts, source.separator
 
 
-def load_text(source: str, split: str = "train", text_field: str = "text", max_rows: int | None = None) -> str:
-    """The whole text of a source as one string (rows joined by the source's separator)."""
+def load_text(
+    source: str,
+    split: str = "train",
+    text_field: str = "text",
+    max_rows: int | None = None,
+    max_chars: int | None = None,
+) -> str:
+    """The text of a source as one string (rows joined by the source's separator).
+
+    ``max_rows`` keeps the first rows of a named dataset; ``max_chars`` stops adding rows of a named
+    dataset once that many characters are in (a C4 shard has ~350K documents; calibration needs a
+    few hundred thousand tokens).
+    """
     path = Path(source).expanduser()
     if path.exists():
         if path.is_dir():
@@ -138,6 +150,13 @@ def load_text(source: str, split: str = "train", text_field: str = "text", max_r
         texts, separator = _read_local(path, text_field)
     elif source in NAMED_SOURCES:
         texts, separator = _read_named(source, split, max_rows)
+        if max_chars is not None:
+            total = 0
+            for count, row in enumerate(texts, 1):
+                total += len(row) + len(separator)
+                if total >= max_chars:
+                    texts = texts[:count]
+                    break
     elif any(ch in source for ch in "/\\.") or source.startswith("~"):
         raise DMSError(f"text file {source!r} does not exist")
     else:
@@ -173,7 +192,10 @@ class CalibrationData:
 
 def calibration_blocks(tokenizer, config: DataConfig, seed: int = 0) -> CalibrationData:
     """Seeded calibration blocks from the head of the source and the held-out tail."""
-    tokens = tokenize_text(tokenizer, load_text(config.calib, config.split, config.text_field))
+    # a named dataset is read only as far as the blocks need (generously: 12 characters a token)
+    needed = math.ceil(config.num_blocks * config.seq_len / (1.0 - config.heldout_fraction))
+    text = load_text(config.calib, config.split, config.text_field, max_chars=12 * needed + 10_000)
+    tokens = tokenize_text(tokenizer, text)
     heldout_len = int(tokens.numel() * config.heldout_fraction)
     calib_tokens = tokens[: tokens.numel() - heldout_len]
     windows = split_blocks(calib_tokens, config.seq_len)

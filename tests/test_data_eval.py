@@ -163,3 +163,22 @@ def test_named_source_failures_are_one_clear_line(monkeypatch):
     with pytest.raises(DMSError, match=r"could not load dataset 'wikitext2'.*Offline\? Pass a local") as error:
         load_text("wikitext2")
     assert "\n" not in str(error.value)
+
+
+def test_named_calibration_sources_are_read_only_as_far_as_needed(monkeypatch):
+    import datasets
+
+    rows = [{"text": "x" * 1000} for _ in range(5000)]  # 5M characters on offer
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(rows))
+    seen = []
+    tokenizer = CharTokenizer()
+    original = tokenizer.__call__
+
+    class Counting(CharTokenizer):
+        def __call__(self, text, add_special_tokens=False):
+            seen.append(len(text))
+            return original(text, add_special_tokens)
+
+    data = calibration_blocks(Counting(), DataConfig(calib="c4", num_blocks=10, seq_len=100, heldout_fraction=0.1))
+    assert data.calib.shape == (10, 100)
+    assert seen[0] < 30_000  # ~1,112 tokens needed: a few documents are tokenised, not 5,000
