@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--quiet", action="store_true", help="no progress bar")
     prune.add_argument("--resume", action="store_true", help="continue an interrupted search from its saved state")
     for flag, (key, kind, text) in PRUNE_FLAGS.items():
-        prune.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text)
+        metavar = flag.lstrip("-").split("-")[-1].upper()
+        prune.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text, metavar=metavar)
     prune.set_defaults(func=cmd_prune)
 
     evaluate = verbs.add_parser("eval", help="perplexity and zero-shot accuracy of a dense or pruned model")
