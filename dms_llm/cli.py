@@ -234,6 +234,12 @@ def _check_before_loading(model: str, config) -> None:
     counter = ParamCounter.from_model(empty_model(model_config), adapter)
     resolve_budget(counter, config.ratio, config.params, config.targets)
     _check_text_source(config.data.calib)
+    for source in config.eval.ppl:
+        _check_text_source(source)
+    if config.eval.task_data and not Path(config.eval.task_data).expanduser().is_dir():
+        raise DMSError(f"task data folder {config.eval.task_data!r} does not exist")
+    if config.recover.method:
+        _check_text_source(config.recover.data)
 
 
 def _check_text_source(source: str) -> None:

@@ -191,3 +191,19 @@ def test_importing_dms_llm_loads_no_peft_no_lm_eval_and_no_cuda():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "clean"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--eval-ppl", "missing.txt"], "text file 'missing.txt' does not exist"),
+        (["--eval-tasks", "boolq", "--task-data", "no-such-folder"], "task data folder 'no-such-folder'"),
+        (["--recover", "lora", "--recover-data", "nope.jsonl"], "text file 'nope.jsonl' does not exist"),
+    ],
+)
+def test_later_stages_inputs_are_checked_before_the_search(tmp_path, extra, message):
+    require_shared()
+    result, lines, out = _run_bad(tmp_path, str(STORIES), "--calib", str(TINYSTORIES), *extra)
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert "loading" not in result.stdout  # refused before the weights were read
+    assert not out.exists()
