@@ -1,10 +1,12 @@
 """Recovery with LoRA: DMS + LoRA against the best one-shot criterion + LoRA, same LoRA budget.
 
-    python eval/benchmark_recovery.py            # stories260K + TinyStories, ~4 minutes on 2 CPU cores
+    python eval/benchmark_recovery.py            # stories260K + TinyStories, ~8 minutes on 2 CPU cores
 
-Both structures prune stories260K to the same parameter budget; both are then recovered with the
+Each structure prunes stories260K to the same parameter budget and is then recovered with the
 same LoRA run (rank, steps, data, learning rate), with and without KL distillation from the dense
-model. Reports held-out TinyStories perplexity (the file's tail, never trained on) and WikiText-2.
+model. ``dms-joint`` is DMS in joint mode: the weights train during the search too (distilled from
+the dense model), so that row has the search's steps of extra weight training. Reports held-out
+TinyStories perplexity (the file's tail, never trained on) and WikiText-2.
 Writes eval/results/recovery.{json,md}.
 """
 
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--wikitext", default=str(SHARED / "text" / "wikitext2" / "wiki.test.raw.txt"))
     parser.add_argument("--ratios", default="0.2,0.3")
     parser.add_argument("--baseline", default="flap", help="the one-shot criterion to compare with")
+    parser.add_argument("--joint-weight-lr", type=float, default=1e-3, help="weight learning rate of dms-joint")
     parser.add_argument("--lora-steps", type=int, default=200)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lora-lr", type=float, default=2e-3)
@@ -78,10 +81,14 @@ def main() -> None:
     print(rows[0], flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
         budget = resolve_budget(counter, ratio=ratio)
-        for structure in ("dms", args.baseline):
+        for structure in ("dms", "dms-joint", args.baseline):
             model = copy.deepcopy(dense)
             if structure == "dms":
                 arch, params = run_dms(model, counter, budget, data.calib, config, seed=0)
+            elif structure == "dms-joint":
+                joint = copy.deepcopy(config)
+                joint.search.mode, joint.search.weight_lr = "joint", args.joint_weight_lr
+                arch, params = run_dms(model, counter, budget, data.calib, joint, seed=0, teacher=dense)
             else:
                 result = one_shot(model, structure, counter, budget, data.calib, adapter=adapter)
                 arch, params = result.architecture, result.params
