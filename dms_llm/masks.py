@@ -187,6 +187,19 @@ class MaskSet:
         """Hooks pass everything through (the dense model) until the next ``refresh``."""
         self.active = None
 
+    def kept_counts(self) -> dict[str, float]:
+        """Kept attention units, channels (in kept layers) and layers at the last ``refresh``."""
+        layers = self._counts.get("layers")
+        keep = layers.detach() if layers is not None else None
+        totals = {}
+        for kind in ("heads", "channels"):
+            if kind in self._counts:
+                values = self._counts[kind].detach()
+                totals[kind] = float((values * keep).sum() if keep is not None else values.sum())
+        if keep is not None:
+            totals["layers"] = float(keep.sum())
+        return totals
+
     def param_count(self, counter) -> Tensor:
         """Differentiable parameter count of the masked model (after ``refresh``)."""
         device = self.keep_ratios[self.targets[0]].device

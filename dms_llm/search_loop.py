@@ -243,13 +243,13 @@ def _settle_structure(model, masks: MaskSet, counter, budget, score_blocks) -> l
 
 
 def _postfix(masks: MaskSet, record: dict) -> str:
-    arch = masks.architecture()
+    """Progress text from the counts the step's ``refresh`` already computed (no extra ranking)."""
+    kept, geometry = masks.kept_counts(), masks.geometry
     parts = [f"loss {record['task_loss']:.3f}", f"params {_human(record['params'])}/{_human(record['target'])}"]
-    if "heads" in masks.targets:
-        parts.append(f"units {sum(len(arch.kept_units[i]) for i in arch.kept_layers)}/{sum(arch.original_units)}")
-    if "channels" in masks.targets:
-        kept = sum(len(arch.kept_channels[i]) for i in arch.kept_layers)
-        parts.append(f"channels {kept}/{sum(arch.original_channels)}")
-    if "layers" in masks.targets:
-        parts.append(f"layers {len(arch.kept_layers)}/{arch.num_layers}")
+    if "heads" in kept:
+        parts.append(f"units {kept['heads']:.0f}/{sum(geometry.units)}")
+    if "channels" in kept:
+        parts.append(f"channels {kept['channels']:.0f}/{sum(geometry.channels)}")
+    if "layers" in kept:
+        parts.append(f"layers {kept['layers']:.0f}/{geometry.num_layers}")
     return " ".join(parts)
