@@ -173,20 +173,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
     output_dir = check_output_dir(args.output_dir or _default_output(args.model, config), args.overwrite)
     _check_before_loading(args.model, config)
 
-    from accelerate import Accelerator
+    from .launch import make_accelerator, relaunch_cpu_ranks, requested_cpu_processes
+
+    if (processes := requested_cpu_processes()) > 1:
+        print(f"accelerate launch --cpu starts one process; dms-llm starts the {processes} CPU ranks (torch elastic)")
+        return relaunch_cpu_ranks(processes, args.argv)
+
     from rich.console import Console
 
     from .checkpoint import load_model
     from .pipeline import prune
 
-    accelerator = Accelerator()  # one process, or each rank of `accelerate launch -m dms_llm prune ...`
+    # one process, or each rank of `torchrun` / `accelerate launch -m dms_llm prune ...`
+    accelerator = make_accelerator(config.device)
     main = accelerator.is_main_process
     console = Console(quiet=not main)
     if args.quiet or not main:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    device = str(accelerator.device) if config.device == "auto" else config.device
+    # every rank uses its own device; a plain "cuda" would put all ranks on GPU 0
+    device = str(accelerator.device) if config.device in ("auto", "cuda") else config.device
     state_dir = output_dir.with_name(f".{output_dir.name}.search-state")
     console.print(f"loading {args.model} ...", markup=False, highlight=False)
     if config.device_map and accelerator.num_processes > 1:
@@ -203,7 +210,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         state_dir=state_dir,
         resume=args.resume,
     )
-    if not main:
+    if not main:  # only the main process touches the output folder
         return 0
     report.model = args.model
     report.command = "dms-llm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["prune"] else None
@@ -379,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         args = verbs[argv[0]].parse_intermixed_args(argv[1:])
     else:
         args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except DMSError as error:

@@ -125,7 +125,7 @@ def prune(
             "pruned": perplexity(model, data.heldout, seq_len, config.eval.batch_size),
             "tokens": int(data.heldout.numel()),
         }
-    if config.recover.method == "lora":
+    if config.recover.method == "lora" and main:  # the other ranks' result is not saved: only main recovers
         from .recover import recover
 
         model, report.recovery = recover(model, tokenizer, config.recover, teacher, config.seed, progress)

@@ -53,12 +53,14 @@ class SearchResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     layer_decisions: list[dict] = field(default_factory=list)
+    processes: int = 1  # data-parallel ranks that ran the search
 
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
         return {
             "seconds": round(self.seconds, 2),
             "steps": len(self.history),
+            "processes": self.processes,
             "final_task_loss": last.get("task_loss"),
             "layer_decisions": self.layer_decisions,
             "history": self.history[:: max(1, len(self.history) // 50)],
@@ -121,7 +123,7 @@ def search(
     masks.mode = config.mask_forward
     use_layer_scores = "layers" in masks.targets and config.layer_importance == "skip_loss"
     reduce = (lambda t: accelerator.reduce(t, "sum")) if world > 1 else None
-    result = SearchResult(masks.architecture(), counter.total, 0.0)
+    result = SearchResult(masks.architecture(), counter.total, 0.0, processes=world)
     fingerprint = {  # a state only resumes the same run (how often it is saved may change)
         "search": {k: v for k, v in asdict(config).items() if k != "save_every"},
         "seed": seed,

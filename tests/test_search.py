@@ -29,6 +29,9 @@ def test_search_lands_on_the_budget_and_masked_equals_sliced(stories, calib, rat
     masks, counter, budget, result = run(model, calib, ratio=ratio)
     assert budget.floor <= result.params <= budget.target
     tokens = calib.heldout[:256].view(2, 128)
+    # compared in float64, where the masked and sliced computations agree exactly: in fp32 MKL's
+    # sgemm rounds differently for different widths (test_masks_slicing bounds that separately)
+    model.double()
     masks.mode = "hard"
     masks.refresh()  # the final masks are frozen to the landed architecture
     with torch.no_grad():
@@ -38,7 +41,7 @@ def test_search_lands_on_the_budget_and_masked_equals_sliced(stories, calib, rat
     slice_model(model, result.architecture)
     with torch.no_grad():
         sliced = model(tokens).logits
-    torch.testing.assert_close(sliced, masked, atol=max(1e-5, 1.5e-6 * masked.abs().max().item()), rtol=0)
+    torch.testing.assert_close(sliced, masked, atol=1e-9, rtol=0)
     assert sum(p.numel() for p in model.parameters()) == result.params
     assert len(result.history) == SHORT.steps
     assert result.history[0]["target"] == counter.total and result.history[-1]["target"] == budget.target
