@@ -190,14 +190,10 @@ def _architecture(geometry: LayerGeometry, kept_layers, counts, heads, channels)
 
 def _land(counter, budget, geometry, kept_layers, heads, channels, uniform: bool) -> tuple[Architecture, int]:
     """Land on the budget: one shared ratio for heads and channels, or one global ranking."""
-    ordered = {
+    wants = {  # the k-th best score of a layer: how strongly its k-th element is wanted
         "heads": [s.sort(descending=True).values for s in heads],
         "channels": [s.sort(descending=True).values for s in channels],
     }
-
-    def margin(kind: str, layer: int, count: int) -> float:
-        return float(ordered[kind][layer][count - 1])
-
     counts = {"heads": list(geometry.units), "channels": list(geometry.channels)}
     if uniform:
         # LLM-Pruner style: the same prune ratio for heads and channels in every layer, the
@@ -215,7 +211,7 @@ def _land(counter, budget, geometry, kept_layers, heads, channels, uniform: bool
             "channels": [max(1, round(c * (1 - ratio))) for c in geometry.channels],
         }
     fitted = fit_counts(
-        counter, budget, kept_layers, counts, margin, ["channels", "heads"], uniform=uniform, joint=not uniform
+        counter, budget, kept_layers, counts, wants, ["channels", "heads"], uniform=uniform, joint=not uniform
     )
     if fitted is None:
         raise DMSError("the budget cannot be reached with the layers kept")

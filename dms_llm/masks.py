@@ -292,17 +292,26 @@ class MaskSet:
         arch = arch or self.architecture()
         return {"heads": [len(u) for u in arch.kept_units], "channels": [len(c) for c in arch.kept_channels]}
 
-    def margin(self, kind: str, layer: int, count: int) -> float:
-        """How strongly the learned keep ratio wants a group's ``count``-th most important element.
+    def wants(self) -> dict[str, list[Tensor]]:
+        """How strongly each layer's learned keep ratio wants its k-th most important element.
 
-        ``T * (e * N - count + 0.5)``: positive inside the learned keep set, negative outside;
-        this is the soft mask's logit for that element (see ``topk``).
+        ``wants[kind][layer][k - 1] = T * (e * N - k + 0.5)``: positive inside the learned keep
+        set, negative outside; the soft mask's logit for that element (see ``topk``). Kinds
+        that are not pruned want everything (``inf``). The landing (``refit``) reads this table.
         """
-        if kind not in self.keep_ratios:
-            return float("inf")
-        size = len(self.importance[kind][layer])
-        ratio = self.ratio(kind, layer).detach().item()
-        return self.temperatures[kind] * (ratio * size - count + 0.5)
+        tables: dict[str, list[Tensor]] = {}
+        for kind in ("heads", "channels"):
+            sizes = self.geometry.units if kind == "heads" else self.geometry.channels
+            if kind not in self.keep_ratios:
+                tables[kind] = [torch.full((n,), float("inf"), dtype=torch.float64) for n in sizes]
+                continue
+            ratios = self.keep_ratios[kind].detach().to("cpu", torch.float64).expand(len(sizes)).tolist()
+            temperature = self.temperatures[kind]
+            tables[kind] = [
+                temperature * (ratio * n - torch.arange(1, n + 1, dtype=torch.float64) + 0.5)
+                for ratio, n in zip(ratios, sizes)
+            ]
+        return tables
 
     def architecture_for(self, kept_layers: list[int], counts: dict[str, list[int]]) -> Architecture:
         """Keep the ``counts`` most important elements of every group, and ``kept_layers``."""

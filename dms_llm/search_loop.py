@@ -213,10 +213,10 @@ def search(
     arch = snap_uniform_heads(model, masks, counter, budget, score_blocks, masks.architecture())
     landed = land(masks, counter, budget, arch)
     while landed is None:  # too many layers kept to fit: drop the least important and retry
-        scores = masks.importance["layers"][0] if "layers" in masks.targets else None
+        scores = masks.importance["layers"][0].tolist() if "layers" in masks.targets else None
         if scores is None or len(arch.kept_layers) <= 1:
             raise DMSError("the budget cannot be reached with the layers this search kept; use a smaller --ratio")
-        weakest = min(arch.kept_layers, key=lambda i: float(scores[i]))
+        weakest = min(arch.kept_layers, key=lambda i: scores[i])
         arch = arch.drop_layer(weakest)
         landed = land(masks, counter, budget, arch)
     masks.set_architecture(landed)

@@ -73,7 +73,7 @@ def land(masks: MaskSet, counter: ParamCounter, budget: Budget, arch: Architectu
         budget,
         arch.kept_layers,
         masks.counts(arch),
-        masks.margin,
+        masks.wants(),
         adjustable,
         uniform=masks.uniform,
         allowed_units=masks.allowed_units,
@@ -112,7 +112,7 @@ def snap_uniform_heads(
             budget,
             arch.kept_layers,
             counts,
-            masks.margin,
+            masks.wants(),
             [k for k in ("channels",) if k in masks.targets],
             uniform=True,
         )
@@ -136,8 +136,8 @@ def guard_layers(
         return arch, decisions
     current = land(masks, counter, budget, arch) or arch
     current_loss = hard_loss(model, masks, blocks, current)
-    scores = masks.importance["layers"][0]
-    for layer in sorted(dropped, key=lambda i: -float(scores[i])):
+    scores = masks.importance["layers"][0].tolist()
+    for layer in sorted(dropped, key=lambda i: -scores[i]):
         candidate = land(
             masks,
             counter,

@@ -71,7 +71,7 @@ def pruned_architecture(model, ratio: float, uniform: bool, seed: int) -> Archit
         budget,
         kept,
         masks.counts(arch),
-        masks.margin,
+        masks.wants(),
         ["channels", "heads"],
         uniform=uniform,
         allowed_units=masks.allowed_units,

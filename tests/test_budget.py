@@ -110,7 +110,7 @@ def test_fit_lands_at_or_under_the_target_within_tolerance(stories, uniform, rat
         masks.keep_ratios["channels"].fill_(0.95)  # far over the target: the fit must cut
     arch = masks.architecture()
     counts = fit_counts(
-        counter, budget, arch.kept_layers, masks.counts(arch), masks.margin, ["channels", "heads"], uniform=uniform
+        counter, budget, arch.kept_layers, masks.counts(arch), masks.wants(), ["channels", "heads"], uniform=uniform
     )
     params = count_params(counter, arch.kept_layers, counts)
     assert budget.floor <= params <= budget.target
@@ -130,7 +130,7 @@ def test_fit_prefers_layers_whose_ratio_wants_fewer_channels(stories):
         masks.keep_ratios["channels"].copy_(torch.tensor([1.0, 1.0, 0.5, 1.0, 1.0]))
     counts = {"channels": [172] * 5, "heads": [4] * 5}
     budget = Budget(counter.total, counter.total - 80 * counter.layers[2].channel_cost, 1)
-    fitted = fit_counts(counter, budget, list(range(5)), counts, masks.margin, ["channels"])
+    fitted = fit_counts(counter, budget, list(range(5)), counts, masks.wants(), ["channels"])
     assert fitted["channels"] == [172, 172, 92, 172, 172]  # all cuts go where the ratio asked for them
 
 
@@ -139,4 +139,4 @@ def test_fit_reports_impossible_targets():
     masks = MaskSet(make_tiny("llama_gqa"), targets=["channels"])
     budget = Budget(counter.total, counter.outside_layers + 10, 1)
     counts = {"channels": [96] * 4, "heads": [2] * 4}
-    assert fit_counts(counter, budget, [0, 1, 2, 3], counts, masks.margin, ["channels"]) is None
+    assert fit_counts(counter, budget, [0, 1, 2, 3], counts, masks.wants(), ["channels"]) is None

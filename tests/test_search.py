@@ -73,7 +73,7 @@ def test_search_beats_a_random_structure_of_the_same_size(stories, calib):
     masks.frozen.clear()
     dense = Architecture.dense(masks.geometry.units, masks.geometry.channels)
     counts = fit_counts(
-        counter, budget, dense.kept_layers, masks.counts(masks.architecture()), masks.margin, ["channels", "heads"]
+        counter, budget, dense.kept_layers, masks.counts(masks.architecture()), masks.wants(), ["channels", "heads"]
     )
     random_arch = masks.architecture_for(dense.kept_layers, counts)
     assert counter.count(random_arch) <= budget.target
