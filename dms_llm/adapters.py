@@ -47,6 +47,7 @@ class FamilyAdapter:
 
     model_type: str
     layers_path: str = "model.layers"
+    final_norm: str = "model.norm"  # applied to the last decoder layer's output, before lm_head
     attention: str = "self_attn"
     q_proj: str = "q_proj"
     k_proj: str = "k_proj"

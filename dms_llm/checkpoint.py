@@ -83,48 +83,114 @@ def empty_model(config) -> nn.Module:
 
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", device_map: str | None = None):
-    """(model, tokenizer) for pruning: a Llama-family causal LM from a folder or the Hub."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) for pruning: a Llama-family causal LM from a folder or the Hub.
+
+    The weights go straight to ``device`` (or to the GPUs of ``device_map``), never through a
+    full host copy.
+    """
+    from transformers import AutoTokenizer
 
     config = load_config(name_or_path)
     get_adapter(config)  # unsupported families fail here, before the weights load
     target = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target)
     try:
-        if getattr(config, "dms_layer_shapes", None):
-            model = load_pruned(name_or_path, dtype=torch_dtype, device_map=device_map)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                name_or_path, dtype=torch_dtype, device_map=device_map, use_safetensors=True
-            )
+        model = load_causal_lm(name_or_path, resolve_dtype(dtype, target), target, device_map)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0]
         raise DMSError(
             f"could not load {name_or_path!r}: {first} (dms-llm only reads safetensors weights, never pickles)"
         ) from None
-    if device_map is None:
-        model.to(target)
-    model.eval()
     return model, tokenizer
 
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device_map: str | None = None):
     """Load a checkpoint written by dms-llm (either layout), from safetensors only."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .modeling_dms_pruned import PRUNED_CLASSES
-
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise DMSError(f"{str(path)!r} is not a model folder: it has no config.json")
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype, dtype)
-    kwargs = {"dtype": dtype, "device_map": device_map, "use_safetensors": True}
+    return load_causal_lm(str(folder), dtype, "cpu", device_map)
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype | None, device, device_map: str | None = None) -> nn.Module:
+    """A dense or dms-llm-pruned causal LM, in eval mode.
+
+    Without ``device_map`` every tensor is read into memory of its own (``pread``, not a file
+    mapping) and placed on ``device`` one at a time: host memory never holds more than one
+    tensor beyond the model, and a tensor that slicing later replaces is really freed (the pages
+    of a memory-mapped checkpoint stay resident until the whole file is unmapped).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from .modeling_dms_pruned import PRUNED_CLASSES
+
+    folder = _local_folder(name_or_path)
     config = AutoConfig.from_pretrained(folder)
-    if getattr(config, "dms_layer_shapes", None):
-        return PRUNED_CLASSES[config.model_type].from_pretrained(folder, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    pruned = bool(getattr(config, "dms_layer_shapes", None))
+    if device_map is None:
+        model = empty_model(config)
+        if _read_weights(model, _weight_files(folder), dtype, torch.device(device)):
+            model.config._name_or_path = str(name_or_path)
+            if dtype is not None:
+                model.config.dtype = dtype
+            if (folder / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(folder)
+            return model.eval()
+        device_map = {"": str(device)}  # keys this reader does not know: let transformers map them
+    loader = PRUNED_CLASSES[config.model_type] if pruned else AutoModelForCausalLM
+    model = loader.from_pretrained(folder, dtype=dtype, device_map=device_map, use_safetensors=True)
+    return model.eval()
+
+
+def _local_folder(name_or_path: str) -> Path:
+    """The folder itself, or the local snapshot of a Hub model (config, tokenizer, safetensors)."""
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=patterns))
+    except Exception as error:  # offline, gated, missing: one clear line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(first) from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise DMSError(f"{str(folder)!r} has no safetensors weights (dms-llm never loads pickled .bin files)")
+    return files
+
+
+def _read_weights(model: nn.Module, files: list[Path], dtype: torch.dtype | None, device: torch.device) -> bool:
+    """Fill a meta-device ``model`` from safetensors files; False if the keys do not match its own."""
+    from safetensors import SafetensorError, safe_open
+
+    expected = model.state_dict(keep_vars=True)
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu", backend="pread") as handle:
+                for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    if key not in expected:
+                        return False
+                    tensor = handle.get_tensor(key)
+                    cast = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+                    state[key] = tensor.to(device=device, dtype=cast)
+                    del tensor
+    except SafetensorError as error:
+        raise DMSError(f"could not read {file}: {error} (a truncated or corrupt safetensors file?)") from None
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # a tied lm_head is not stored: it becomes the embedding again
+    model.to(device)  # buffers (rotary frequencies) were built on the host; the weights are there already
+    return not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:

@@ -346,12 +346,16 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if args.distill:
         load_config(teacher_name)
 
-    from .recover import recover
+    from .recover import recover, recovery_teacher
 
+    data = teacher = None
+    if args.distill:  # the dense model's targets first, then it is freed: never two models in memory
+        dense, dense_tokenizer = load_model(teacher_name, dtype=args.dtype, device=args.device)
+        data, teacher = recovery_teacher(dense, dense_tokenizer, config, args.seed)
+        del dense
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    teacher = load_model(teacher_name, dtype=args.dtype, device=args.device)[0] if args.distill else None
     checkpoints = output.with_name(f"{output.name}-checkpoints") if args.save_every else None
-    model, info = recover(model, tokenizer, config, teacher, args.seed, not args.quiet, checkpoints)
+    model, info = recover(model, tokenizer, config, teacher, args.seed, not args.quiet, checkpoints, data)
     report["recovery"] = info
     save_pruned(model, tokenizer, output, report=report, overwrite=args.overwrite)
     before, after = info["heldout_before"], info["heldout_after"]

@@ -61,15 +61,18 @@ class SearchConfig:
     layer_importance: str = "skip_loss"  # or "taylor"
     layer_score_every: int = 50
     score_blocks: int = 16  # blocks used for layer scores and the layer guard
+    layer_score_budget: float = 0.08  # share of the search's compute that layer scoring may use
     gradient_checkpointing: bool = False
     save_every: int = 50  # steps between resumable state saves (0: never)
     weight_lr: float = 1e-4  # joint mode: learning rate of the weights
     distill_weight: float = 1.0  # joint mode: weight of the KL to the dense teacher (0: no teacher)
+    distill_topk: int = 64  # teacher log-probabilities kept per token (the rest is one bucket)
 
     def validate(self) -> None:
         _check(self.mode in ("structure", "joint"), f"search.mode must be structure or joint, got {self.mode!r}")
         _check(self.grad_accum >= 1 and self.save_every >= 0, "search.grad_accum >= 1 and search.save_every >= 0")
         _check(self.weight_lr > 0 and self.distill_weight >= 0, "search.weight_lr > 0, search.distill_weight >= 0")
+        _check(self.distill_topk >= 1, "search.distill_topk must be at least 1")
         _check(self.steps >= 1, "search.steps must be at least 1")
         _check(self.batch_size >= 1, "search.batch_size must be at least 1")
         _check(self.lr > 0, "search.lr must be positive")
@@ -89,6 +92,7 @@ class SearchConfig:
             f"search.layer_importance must be 'skip_loss' or 'taylor', got {self.layer_importance!r}",
         )
         _check(self.layer_score_every >= 1 and self.score_blocks >= 1, "layer scoring settings must be >= 1")
+        _check(0.0 <= self.layer_score_budget <= 1.0, "search.layer_score_budget must be in [0, 1]")
 
 
 @dataclass
@@ -133,6 +137,7 @@ class RecoverConfig:
     distill: bool = False  # add KL(teacher || student) on the logits, the dense teacher frozen
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
+    distill_topk: int = 64  # teacher log-probabilities kept per token (the rest is one bucket)
     gradient_checkpointing: bool = False
     bf16: bool = False  # bfloat16 autocast on GPU
     save_every: int = 0  # steps between adapter checkpoints (0: none)
@@ -144,6 +149,7 @@ class RecoverConfig:
         _check(self.seq_len >= 2 and self.num_blocks >= 1, "recover.seq_len >= 2 and recover.num_blocks >= 1")
         _check(0.0 <= self.heldout_fraction < 1.0, "recover.heldout_fraction must be in [0, 1)")
         _check(self.distill_temperature > 0 and self.distill_weight >= 0, "distillation settings must be positive")
+        _check(self.distill_topk >= 1, "recover.distill_topk must be at least 1")
 
 
 @dataclass

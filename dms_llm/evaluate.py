@@ -18,12 +18,12 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import EvalConfig
 from .data import NAMED_SOURCES, load_text, split_blocks, tokenize_text
+from .losses import summed_nll
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -38,9 +38,7 @@ def block_nll(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progr
     batches = range(0, blocks.shape[0], batch_size)
     for start in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
         batch = blocks[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total += float(nll)
+        total += summed_nll(model, batch)  # in sequence chunks: no full-vocabulary logits
         count += batch[:, 1:].numel()
     return total, count
 

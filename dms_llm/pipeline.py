@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -23,6 +22,7 @@ from .budget import ParamCounter, resolve_budget
 from .config import PruneConfig
 from .data import CalibrationData, calibration_blocks
 from .evaluate import evaluate_model, perplexity, prepare_perplexity_sources
+from .losses import teacher_targets
 from .masks import MaskSet
 from .report import PruneReport
 from .search_loop import search
@@ -75,10 +75,17 @@ def prune(
         sources = prepare_perplexity_sources(tokenizer, config.eval.ppl)
         dense_eval = evaluate_model(model, tokenizer, config.eval, sources, progress=progress)
 
-    # distillation needs the dense model after the search has pruned it in place: keep a copy
-    distill_recovery = config.recover.method == "lora" and config.recover.distill
-    distill_search = config.search.mode == "joint" and config.search.distill_weight > 0
-    teacher = copy.deepcopy(model).requires_grad_(False) if distill_recovery or distill_search else None
+    # Distillation needs the dense model after the search has pruned it in place. Rather than a
+    # copy of the model, its top-k next-token log-probabilities on the blocks that will be trained
+    # on are taken now (one forward pass over them) and the teacher is those targets.
+    recovery = search_teacher = recovery_teacher_targets = None
+    if main and config.recover.method == "lora" and config.recover.distill:
+        from .recover import recovery_teacher
+
+        recovery, recovery_teacher_targets = recovery_teacher(model, tokenizer, config.recover, config.seed)
+    if config.search.mode == "joint" and config.search.distill_weight > 0:
+        settings = config.search
+        search_teacher = teacher_targets(model, data.calib, settings.distill_topk, batch_size=settings.batch_size)
     masks = masks_for(model, config, adapter)
     try:
         result = search(
@@ -91,7 +98,7 @@ def prune(
             seed=config.seed,
             accelerator=accelerator,
             progress=progress,
-            teacher=teacher if distill_search else None,
+            teacher=search_teacher,
             state_dir=state_dir,
             resume=resume,
         )
@@ -128,10 +135,11 @@ def prune(
     if config.recover.method == "lora" and main:  # the other ranks' result is not saved: only main recovers
         from .recover import recover
 
-        model, report.recovery = recover(model, tokenizer, config.recover, teacher, config.seed, progress)
+        model, report.recovery = recover(
+            model, tokenizer, config.recover, recovery_teacher_targets, config.seed, progress, data=recovery
+        )
         if heldout:
             report.perplexity["recovered"] = perplexity(model, data.heldout, seq_len, config.eval.batch_size)
-    del teacher
     if full_eval:
         report.evaluation = {
             "dense": dense_eval,

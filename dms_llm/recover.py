@@ -1,14 +1,18 @@
-"""Recovery of a pruned model with LoRA (peft), optionally distilled from the dense teacher.
+"""Recovery of a pruned model with LoRA (peft), optionally distilled from the dense model.
 
 LoRA adapters go on the (already sliced) projections, train on plain text or Alpaca-style
 instruction data, and are merged back with ``merge_and_unload`` so the saved model is a plain
-checkpoint again (either layout). With a teacher the loss is
-``CE + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))``, the teacher frozen.
+checkpoint again (either layout). With distillation the loss is
+``CE + w * T^2 * KL(teacher || student)`` over the teacher's top-k tokens and the rest (see
+``losses``). The teacher is never a second model in memory: ``recovery_teacher`` runs the dense
+model over the recovery blocks once, before it is pruned (``prune``) or before the pruned model
+is loaded (``dms-llm recover``), and keeps only its top-k log-probabilities.
 
 Example:
     >>> config = RecoverConfig(data="alpaca", steps=200, distill=True)
-    >>> model, info = recover(pruned, tokenizer, config, teacher=dense)  # doctest: +SKIP
-    >>> info["heldout_before"], info["heldout_after"]                                                  # doctest: +SKIP
+    >>> data, targets = recovery_teacher(dense, tokenizer, config)     # doctest: +SKIP
+    >>> model, info = recover(pruned, tokenizer, config, targets, data=data)  # doctest: +SKIP
+    >>> info["heldout_before"], info["heldout_after"]                   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,6 +29,7 @@ from .config import DataConfig, RecoverConfig
 from .data import CalibrationData, calibration_blocks
 from .errors import DMSError
 from .evaluate import perplexity
+from .losses import TeacherTargets, causal_lm_loss, teacher_targets
 
 
 def _peft():
@@ -57,14 +61,6 @@ def merge_lora(peft_model: nn.Module) -> nn.Module:
     return merged
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(teacher || student)`` per token, on softened logits."""
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(student.flatten(0, -2), teacher.flatten(0, -2), log_target=True, reduction="batchmean")
-    return kl * temperature**2
-
-
 def recovery_data(tokenizer, config: RecoverConfig, seed: int = 0) -> CalibrationData:
     data = DataConfig(
         calib=config.data,
@@ -77,11 +73,19 @@ def recovery_data(tokenizer, config: RecoverConfig, seed: int = 0) -> Calibratio
     return calibration_blocks(tokenizer, data, seed=seed)
 
 
+def recovery_teacher(
+    dense: nn.Module, tokenizer, config: RecoverConfig, seed: int = 0
+) -> tuple[CalibrationData, TeacherTargets]:
+    """The recovery blocks and the dense model's top-k log-probabilities on them (one pass)."""
+    data = recovery_data(tokenizer, config, seed)
+    return data, teacher_targets(dense, data.calib, config.distill_topk, config.distill_temperature)
+
+
 def train_lora(
     peft_model: nn.Module,
     blocks: torch.Tensor,
     config: RecoverConfig,
-    teacher: nn.Module | None = None,
+    teacher: TeacherTargets | None = None,
     seed: int = 0,
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
@@ -104,18 +108,16 @@ def train_lora(
     use_bf16 = config.bf16 and device.type == "cuda"
     history = []
     bar = tqdm(range(config.steps), desc="LoRA recovery", disable=not progress)
+    kd_weight = config.distill_weight if teacher is not None else 0.0
+    model = peft_model.get_base_model()  # the causal LM with the adapters inside its projections
     for step in bar:
-        batch = blocks[order[step * config.batch_size : (step + 1) * config.batch_size]].to(device)
+        rows = order[step * config.batch_size : (step + 1) * config.batch_size]
+        batch = blocks[rows].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            output = peft_model(input_ids=batch, labels=batch, use_cache=False)
-            loss = output.loss.float()
-            record = {"step": step, "ce": round(loss.item(), 5)}
-            if teacher is not None and config.distill_weight > 0:
-                with torch.no_grad():
-                    teacher_logits = teacher(input_ids=batch, use_cache=False).logits
-                kl = distillation_loss(output.logits, teacher_logits, config.distill_temperature)
-                loss = loss + config.distill_weight * kl
-                record["kl"] = round(kl.item(), 5)
+            loss, (ce, kl) = causal_lm_loss(model, batch, teacher.select(rows) if kd_weight else None, kd_weight)
+        record = {"step": step, "ce": round(ce.item(), 5)}
+        if kd_weight:
+            record["kl"] = round(kl.item(), 5)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -135,20 +137,24 @@ def recover(
     model: nn.Module,
     tokenizer,
     config: RecoverConfig,
-    teacher: nn.Module | None = None,
+    teacher: TeacherTargets | None = None,
     seed: int = 0,
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     data: CalibrationData | None = None,
 ) -> tuple[nn.Module, dict]:
-    """LoRA-recover ``model`` and merge; returns (plain model, info with held-out perplexities)."""
+    """LoRA-recover ``model`` and merge; returns (plain model, info with held-out perplexities).
+
+    With ``config.distill``, ``teacher`` holds the dense model's targets on ``data.calib`` (see
+    ``recovery_teacher``).
+    """
     if config.distill and teacher is None:
         raise DMSError("distillation needs the dense teacher model (--teacher, or the base model in report.json)")
     data = data or recovery_data(tokenizer, config, seed)
+    if teacher is not None and teacher.indices.shape[0] != data.calib.shape[0]:
+        raise ValueError("the teacher targets were computed on other blocks than the recovery data")
     evaluate = data.heldout.numel() >= config.seq_len
     before = perplexity(model, data.heldout, config.seq_len) if evaluate else None
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
     start = time.perf_counter()
     peft_model = attach_lora(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -163,6 +169,7 @@ def recover(
         "lora_r": config.lora_r,
         "trainable_params": trainable,
         "distill": bool(config.distill),
+        "distill_topk": config.distill_topk if config.distill else None,
         "seconds": round(time.perf_counter() - start, 2),
         "heldout_seq_len": config.seq_len,
         "heldout_before": before,

@@ -40,10 +40,12 @@ from .architecture import Architecture
 from .budget import Budget, ParamCounter, budget_penalty
 from .config import SearchConfig
 from .errors import DMSError
+from .layer_scores import ScoreBudget, measure_layer_scores
+from .losses import CausalLMLoss, TeacherTargets
 from .masks import MaskSet
 from .refit import count_params
 from .search_state import load_state, restore_state, save_state, saved_weights
-from .structure import guard_layers, land, measure_layer_scores, snap_uniform_heads
+from .structure import guard_layers, land, snap_uniform_heads
 
 
 @dataclass
@@ -92,12 +94,15 @@ def search(
     seed: int = 0,
     accelerator: Accelerator | None = None,
     progress: bool = True,
-    teacher: nn.Module | None = None,
+    teacher: TeacherTargets | None = None,
     state_dir: str | Path | None = None,
     resume: bool = False,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> SearchResult:
-    """Run the DMS search on ``blocks`` (N, seq_len); returns the landed architecture."""
+    """Run the DMS search on ``blocks`` (N, seq_len); returns the landed architecture.
+
+    ``teacher``: the dense model's targets on ``blocks`` (joint mode distils from them).
+    """
     accelerator = accelerator or Accelerator()
     torch.manual_seed(seed)
     joint = config.mode == "joint"
@@ -107,11 +112,12 @@ def search(
     # transformers only checkpoints in training mode; Llama-family models have no dropout
     model.train(config.gradient_checkpointing or joint)
     optimizers = {"ratios": torch.optim.Adam(masks.parameters(), lr=config.lr)}
-    forward = model
+    forward = CausalLMLoss(model)  # chunked loss: no full-vocabulary logits
     if joint:
         optimizers["weights"] = torch.optim.AdamW(model.parameters(), lr=config.weight_lr, weight_decay=0.0)
         if accelerator.num_processes > 1:
-            forward = accelerator.prepare_model(model)  # DDP/FSDP from the accelerate config: weight grads sync
+            forward = accelerator.prepare_model(forward)  # DDP/FSDP from the accelerate config: weight grads sync
+    kd_weight = config.distill_weight if (joint and teacher is not None) else 0.0
     device = model.get_input_embeddings().weight.device
     steps, accum = config.steps, config.grad_accum
     decay_steps = int(round(config.decay_fraction * steps))
@@ -123,6 +129,8 @@ def search(
     masks.mode = config.mask_forward
     use_layer_scores = "layers" in masks.targets and config.layer_importance == "skip_loss"
     reduce = (lambda t: accelerator.reduce(t, "sum")) if world > 1 else None
+    head_params = model.get_output_embeddings().weight.numel()
+    score_budget = ScoreBudget.for_search(counter, head_params, config, blocks.shape[1])
     result = SearchResult(masks.architecture(), counter.total, 0.0, processes=world)
     fingerprint = {  # a state only resumes the same run (how often it is saved may change)
         "search": {k: v for k, v in asdict(config).items() if k != "save_every"},
@@ -152,23 +160,18 @@ def search(
         if step == refine_start and step > 0 and "heads" not in masks.frozen:
             result.layer_decisions = _settle_structure(model, masks, counter, budget, score_blocks)
         if use_layer_scores and "layers" not in masks.frozen and step % config.layer_score_every == 0:
-            masks.set_layer_importance(measure_layer_scores(model, masks, score_blocks))
+            scores = measure_layer_scores(model, masks, score_blocks, score_budget, rank, world, reduce, chunk)
+            masks.set_layer_importance(scores)
         global_batch = order[step * chunk * world * accum : (step + 1) * chunk * world * accum]
         target = budget.target_at(step, decay_steps)
         task_total = 0.0
         for micro in range(accum):
             part = rank * accum + micro
-            batch = blocks[global_batch[part * chunk : (part + 1) * chunk]].to(device)
+            rows = global_batch[part * chunk : (part + 1) * chunk]
+            batch = blocks[rows].to(device)
             masks.refresh()
             with accelerator.autocast():
-                output = forward(input_ids=batch, labels=batch, use_cache=False)
-                task = output.loss.float()
-                if teacher is not None and joint:
-                    from .recover import distillation_loss
-
-                    with torch.no_grad():
-                        teacher_logits = teacher(input_ids=batch, use_cache=False).logits
-                    task = task + config.distill_weight * distillation_loss(output.logits, teacher_logits, 1.0)
+                task, _ = forward(batch, teacher.select(rows) if kd_weight else None, kd_weight)
             loss = task / accum
             if micro == 0:  # the budget term depends on the masks only: once per step
                 params = masks.param_count(counter)

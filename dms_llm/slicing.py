@@ -27,6 +27,12 @@ MODELING_FILE = "modeling_dms_pruned.py"
 
 
 def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear holding only the kept rows/columns.
+
+    The selected tensors become the new parameters as they are (the module is built on the meta
+    device, so nothing is allocated twice); once the caller swaps it in, the original is freed.
+    Peak memory of slicing is therefore the model plus one projection's kept part.
+    """
     weight = linear.weight.detach()
     bias = linear.bias.detach() if linear.bias is not None else None
     if rows is not None:
@@ -34,14 +40,11 @@ def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: tor
         bias = bias.index_select(0, rows.to(weight.device)) if bias is not None else None
     if cols is not None:
         weight = weight.index_select(1, cols.to(weight.device))
-    sliced = nn.Linear(
-        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
-    )
-    with torch.no_grad():
-        sliced.weight.copy_(weight)
-        if bias is not None:
-            sliced.bias.copy_(bias)
-    sliced.weight.requires_grad_(linear.weight.requires_grad)
+    with torch.device("meta"):
+        sliced = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    sliced.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        sliced.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
     return sliced
 
 

@@ -1,7 +1,6 @@
-"""Discrete structure decisions of the search: layer scores, the layer guard, budget landing.
+"""Discrete structure decisions of the search: the layer guard, head snapping, budget landing.
 
-- ``measure_layer_scores``: the loss change when each layer is toggled (skipped if kept, restored
-  if dropped); whole layers are ranked by this, not by first-order scores, which are too flat.
+(Layer scores, the loss change when a layer is toggled, are measured in ``layer_scores``.)
 - ``guard_layers``: a dropped layer stays dropped only if that costs less loss than keeping it and
   landing the budget with heads/channels instead ("never drop a layer that costs more than it saves").
 - ``snap_uniform_heads``: uniform layout, move the shared head count to one the stock config loads.
@@ -35,29 +34,6 @@ def hard_loss(model: nn.Module, masks: MaskSet, blocks: torch.Tensor, arch: Arch
         return mean_loss(model, blocks)
     finally:
         masks.frozen, masks.mode = saved_frozen, saved_mode
-        masks.deactivate()
-
-
-@torch.no_grad()
-def measure_layer_scores(model: nn.Module, masks: MaskSet, blocks: torch.Tensor) -> torch.Tensor:
-    """Loss change when each layer is toggled: removal cost if kept, gain of restoring if dropped."""
-    saved_mode = masks.mode
-    masks.mode = "hard"
-    try:
-        masks.refresh()
-        base = mean_loss(model, blocks)
-        layer_mask = masks.active["layers"][0]
-        scores = torch.zeros_like(layer_mask)
-        for index in range(layer_mask.numel()):
-            toggled = layer_mask.clone()
-            toggled[index] = 1.0 - toggled[index]
-            masks.active["layers"] = [toggled]
-            loss = mean_loss(model, blocks)
-            scores[index] = (loss - base) if layer_mask[index] > 0.5 else (base - loss)
-            masks.active["layers"] = [layer_mask]
-        return scores
-    finally:
-        masks.mode = saved_mode
         masks.deactivate()
 
 

@@ -33,6 +33,7 @@ from dms_llm.adapters import get_adapter  # noqa: E402
 from dms_llm.baselines import one_shot  # noqa: E402
 from dms_llm.budget import ParamCounter, resolve_budget  # noqa: E402
 from dms_llm.config import RecoverConfig  # noqa: E402
+from dms_llm.losses import teacher_targets  # noqa: E402
 from dms_llm.recover import recover  # noqa: E402
 from dms_llm.slicing import slice_model  # noqa: E402
 
@@ -77,6 +78,8 @@ def main() -> None:
         heldout_fraction=0.1,
         num_blocks=config.data.num_blocks,
     )
+    # the dense model's top-k targets on the calibration blocks: the teacher of every KL run
+    targets = teacher_targets(dense, data.calib, lora.distill_topk)
     rows = [{"structure": "dense", "ratio": 0.0, "stage": "dense", "params": counter.total, **scores(dense)}]
     print(rows[0], flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
@@ -88,7 +91,7 @@ def main() -> None:
             elif structure == "dms-joint":
                 joint = copy.deepcopy(config)
                 joint.search.mode, joint.search.weight_lr = "joint", args.joint_weight_lr
-                arch, params = run_dms(model, counter, budget, data.calib, joint, seed=0, teacher=dense)
+                arch, params = run_dms(model, counter, budget, data.calib, joint, seed=0, teacher=targets)
             else:
                 result = one_shot(model, structure, counter, budget, data.calib, adapter=adapter)
                 arch, params = result.architecture, result.params
@@ -104,7 +107,7 @@ def main() -> None:
                     copy.deepcopy(model),
                     tokenizer,
                     settings,
-                    teacher=dense if distill else None,
+                    teacher=targets if distill else None,
                     progress=False,
                     data=data,
                 )

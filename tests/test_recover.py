@@ -1,17 +1,19 @@
 """LoRA recovery: lower perplexity, clean merge, distillation, the recover command."""
 
-import copy
+import gc
 import json
 
 import pytest
 import torch
 from conftest import STORIES, TINYSTORIES, require_shared
 from test_cli import dms_llm
+from transformers import PreTrainedModel
 
 from dms_llm import PruneConfig, prune
 from dms_llm.checkpoint import load_pruned, save_pruned
 from dms_llm.config import RecoverConfig
-from dms_llm.recover import attach_lora, distillation_loss, merge_lora, recover, recovery_data, train_lora
+from dms_llm.losses import TeacherTargets, causal_lm_loss, teacher_targets
+from dms_llm.recover import attach_lora, merge_lora, recover, recovery_data, recovery_teacher, train_lora
 
 QUICK = {"data": {"num_blocks": 64}, "search": {"steps": 40}, "eval": {"heldout": False}}
 
@@ -74,19 +76,57 @@ def test_merge_gives_a_plain_model_with_the_unmerged_logits(stories, dtype):
     assert report.params["after"] == sum(p.numel() for p in merged.parameters())
 
 
-def test_distillation_loss_decreases_and_is_zero_for_identical_logits(stories):
+def test_distillation_from_top_k_targets_lowers_the_kl(stories):
     require_shared()
-    logits = torch.randn(2, 5, 11)
-    assert distillation_loss(logits, logits, 2.0).item() == pytest.approx(0.0, abs=1e-6)
-    teacher = copy.deepcopy(stories[0])
-    model, _ = pruned_stories(stories)
+    dense, tokenizer = stories
     config = recover_config(distill=True, steps=80)
-    data = recovery_data(stories[1], config)
+    data = recovery_data(tokenizer, config)
+    targets = teacher_targets(dense, data.calib[:16], topk=config.distill_topk)
+    _, parts = causal_lm_loss(dense, data.calib[:16], targets, kd_weight=1.0)
+    assert parts[1].item() == pytest.approx(0.0, abs=1e-5)  # the dense model is its own teacher
+    data, targets = recovery_teacher(dense, tokenizer, config)  # before pruning: the dense model's view
+    model, _ = pruned_stories(stories)
     peft_model = attach_lora(model, config)
-    history = train_lora(peft_model, data.calib, config, teacher=teacher, progress=False)
+    history = train_lora(peft_model, data.calib, config, teacher=targets, progress=False)
     first = sum(h["kl"] for h in history[:10]) / 10
     last = sum(h["kl"] for h in history[-10:]) / 10
     assert last < 0.8 * first, (first, last)
+
+
+def test_prune_with_distilled_recovery_holds_no_second_model(stories, monkeypatch):
+    """The teacher of --recover lora --distill is top-k targets, not a second set of weights."""
+    require_shared()
+    import dms_llm.recover as recover_module
+
+    seen = {}
+    train = recover_module.train_lora
+
+    def spy(peft_model, blocks, config, teacher=None, *args, **kwargs):
+        student = {p.data_ptr() for p in peft_model.parameters()}
+        student_bytes = sum(p.nbytes for p in peft_model.parameters())
+        others = {}  # every other live float matrix: a teacher copy would show up here
+        for obj in gc.get_objects():
+            matrix = isinstance(obj, torch.Tensor) and obj.is_floating_point() and obj.dim() >= 2
+            if matrix and obj.data_ptr() not in student and obj is not teacher.logprobs:
+                others[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+        base = peft_model.get_base_model()
+        own = {id(m) for m in base.modules()}  # the student and its inner decoder
+        models = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel) and id(o) not in own]
+        seen.update(teacher=teacher, student_bytes=student_bytes, other_bytes=sum(others.values()), models=models)
+        return train(peft_model, blocks, config, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(recover_module, "train_lora", spy)
+    model, tokenizer = stories
+    dense_bytes = sum(p.nbytes for p in model.parameters())
+    config = PruneConfig.from_dict({**QUICK, "ratio": 0.3})
+    config.data.calib = str(TINYSTORIES)
+    config.recover = recover_config(distill=True, steps=3)
+    prune(model, tokenizer, config, progress=False)
+    # the teacher is data: top-k log-probabilities per recovery token, whatever the model's size
+    assert isinstance(seen["teacher"], TeacherTargets)
+    assert tuple(seen["teacher"].indices.shape) == (256, 127, config.recover.distill_topk)
+    assert seen["other_bytes"] < 0.25 * dense_bytes, seen  # no dense copy (it would be >= 100%)
+    assert seen["models"] == []  # the student is the only model alive while it trains
 
 
 def test_distillation_without_a_teacher_is_refused(stories):

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from dms_llm.budget import ParamCounter, resolve_budget
 from dms_llm.config import SearchConfig
 from dms_llm.errors import DMSError
+from dms_llm.losses import teacher_targets
 from dms_llm.masks import MaskSet
 from dms_llm.search_loop import search
 from dms_llm.slicing import slice_model
@@ -142,7 +143,7 @@ def test_prune_command_killed_mid_search_resumes_to_the_same_model(tmp_path):
 def test_joint_mode_trains_weights_and_keeps_the_invariants(calib):
     require_shared()
     model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    teacher = teacher_targets(model, calib.calib)  # the dense model's view, before it trains
     before = {k: v.clone() for k, v in model.state_dict().items()}
     masks = MaskSet(model)
     counter = ParamCounter.from_model(model, masks.adapter)

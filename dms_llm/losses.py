@@ -1,0 +1,215 @@
+"""Next-token losses without full-vocabulary logits, and a teacher that is not a second model.
+
+``causal_lm_loss`` runs the decoder once and applies ``lm_head`` to chunks of positions: at most
+``CHUNK_ELEMENTS`` fp32 logits exist at a time (Llama-3's 128,256-token vocabulary at 8 x 2048
+tokens would be 8.4 GB of fp32 logits, more with their gradient). The gradient of each chunk is
+taken as soon as it is computed (``_ChunkedHead``), so the backward pass neither stores nor
+recomputes logits.
+
+Distillation uses the teacher's top-k log-probabilities, computed once by ``teacher_targets``
+from the dense model before it is pruned (or before the pruned model is loaded): no teacher
+weights are held while training. The loss is the exact KL divergence between the teacher's and
+the student's distributions coarsened to the teacher's top-k tokens plus one bucket for the rest.
+
+Example:
+    >>> targets = teacher_targets(model, blocks, topk=64)               # doctest: +SKIP
+    >>> loss, parts = causal_lm_loss(student, blocks[:8], targets.select(range(8)), kd_weight=1.0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CHUNK_ELEMENTS = 2**25  # fp32 logits per chunk: 128 MiB (a few hundred positions of a 128K vocab)
+
+
+def _upcast(logits: Tensor) -> Tensor:
+    """Logits in at least fp32 (bf16/fp16 heads are upcast; a float64 model stays float64)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (embeddings, layers, final norm) under a causal-LM head."""
+    return getattr(model, model.base_model_prefix)
+
+
+def chunk_positions(vocab_size: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """Summed per-token loss of ``hidden @ weight.T``, chunk by chunk, gradients taken in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, loss_fn, chunk, parts, *targets):
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        total = torch.zeros((), dtype=_upcast(hidden[:0]).dtype, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            stop = min(start + chunk, hidden.shape[0])
+            piece = hidden[start:stop].detach().requires_grad_(need_hidden)
+            head = weight.detach().requires_grad_(need_weight)
+            with torch.enable_grad():
+                loss, chunk_parts = loss_fn(_upcast(F.linear(piece, head)), *(t[start:stop] for t in targets))
+            if need_hidden or need_weight:
+                wanted = [t for t, need in ((piece, need_hidden), (head, need_weight)) if need]
+                grads = iter(torch.autograd.grad(loss, wanted))
+                if need_hidden:
+                    grad_hidden[start:stop] = next(grads)
+                if need_weight:
+                    grad_weight += next(grads)
+            total += loss.detach()
+            parts += chunk_parts
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.untracked = 3 + len(targets)  # loss_fn, chunk, parts and the targets get no gradient
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None,
+            grad_weight * grad_output.to(grad_weight.dtype) if grad_weight is not None else None,
+            *([None] * ctx.untracked),
+        )
+
+
+def chunked_head_loss(
+    hidden: Tensor, head: nn.Linear, loss_fn: Callable, targets: Sequence[Tensor], parts: Tensor
+) -> Tensor:
+    """Sum over positions of ``loss_fn(logits_chunk, *targets_chunk)``; ``parts`` accumulates its extras."""
+    if head.bias is not None:
+        raise NotImplementedError("a biased lm_head is not supported")
+    chunk = chunk_positions(head.weight.shape[0])
+    return _ChunkedHead.apply(hidden, head.weight, loss_fn, chunk, parts, *targets)
+
+
+@dataclass
+class TeacherTargets:
+    """The dense model's top-k next-token log-probabilities for every position of some blocks."""
+
+    indices: Tensor  # (blocks, seq_len - 1, k) int32
+    logprobs: Tensor  # (blocks, seq_len - 1, k) float32, at ``temperature``
+    temperature: float = 1.0
+
+    def select(self, rows: Tensor | Sequence[int]) -> TeacherTargets:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return TeacherTargets(self.indices[rows], self.logprobs[rows], self.temperature)
+
+    @property
+    def nbytes(self) -> int:
+        return self.indices.nbytes + self.logprobs.nbytes
+
+
+def _losses(kd_weight: float, temperature: float, task_weight: float) -> Callable:
+    """Per-chunk ``task_weight * CE + kd_weight * T^2 * KL``; extras: (CE sum, KL sum)."""
+
+    def loss_fn(logits: Tensor, labels: Tensor, *teacher: Tensor) -> tuple[Tensor, Tensor]:
+        ce = F.cross_entropy(logits, labels, reduction="sum")
+        if not teacher:
+            return task_weight * ce, torch.stack([ce.detach(), ce.new_zeros(())])
+        indices, teacher_logp = teacher
+        student = F.log_softmax(logits / temperature, dim=-1)
+        student_top = student.gather(-1, indices.long())
+        teacher_p = teacher_logp.exp()
+        # the rest of the vocabulary as one bucket: the KL of the coarsened distributions is exact
+        teacher_rest = (1.0 - teacher_p.sum(-1)).clamp_min(1e-12)
+        student_rest = (1.0 - student_top.exp().sum(-1)).clamp_min(1e-12)
+        kl = (teacher_p * (teacher_logp - student_top)).sum() + (
+            teacher_rest * (teacher_rest.log() - student_rest.log())
+        ).sum()
+        kl = kl * temperature**2
+        return task_weight * ce + kd_weight * kl, torch.stack([ce.detach(), kl.detach()])
+
+    return loss_fn
+
+
+def summed_nll_of_hidden(model: nn.Module, hidden: Tensor, input_ids: Tensor) -> Tensor:
+    """Summed next-token NLL from the final (normed) hidden states (B, T, H) of ``input_ids``."""
+    positions = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    parts = torch.zeros(2, dtype=_upcast(positions[:0]).dtype, device=positions.device)
+    labels = input_ids[:, 1:].reshape(-1).to(positions.device)
+    return chunked_head_loss(positions, model.get_output_embeddings(), _losses(0.0, 1.0, 1.0), [labels], parts)
+
+
+def causal_lm_loss(
+    model: nn.Module,
+    input_ids: Tensor,
+    teacher: TeacherTargets | None = None,
+    kd_weight: float = 0.0,
+    task_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """(mean loss, per-token means of (CE, KL)) of next-token prediction on ``input_ids`` (B, T)."""
+    hidden = decoder_of(model)(input_ids=input_ids, use_cache=False).last_hidden_state
+    positions = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    labels = input_ids[:, 1:].reshape(-1)
+    targets: list[Tensor] = [labels]
+    temperature = 1.0
+    if teacher is not None and kd_weight > 0:
+        device = positions.device
+        targets += [teacher.indices.reshape(labels.numel(), -1).to(device),
+                    teacher.logprobs.reshape(labels.numel(), -1).to(device)]  # fmt: skip
+        temperature = teacher.temperature
+    parts = torch.zeros(2, dtype=_upcast(positions[:0]).dtype, device=positions.device)
+    total = chunked_head_loss(
+        positions, model.get_output_embeddings(), _losses(kd_weight, temperature, task_weight), targets, parts
+    )
+    count = labels.numel()
+    return total / count, parts / count
+
+
+class CausalLMLoss(nn.Module):
+    """A causal LM whose forward returns the chunked loss: the module DDP/FSDP wrap in a search."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, input_ids: Tensor, teacher: TeacherTargets | None = None, kd_weight: float = 0.0):
+        return causal_lm_loss(self.lm, input_ids, teacher, kd_weight)
+
+
+@torch.no_grad()
+def teacher_targets(
+    model: nn.Module, blocks: Tensor, topk: int = 64, temperature: float = 1.0, batch_size: int = 8
+) -> TeacherTargets:
+    """Top-k log-probabilities of ``model`` (run it dense: masks off) at every position of ``blocks``."""
+    device = model.get_input_embeddings().weight.device
+    head = model.get_output_embeddings()
+    k = min(topk, head.weight.shape[0])
+    rows, positions = blocks.shape[0], blocks.shape[1] - 1
+    indices = torch.empty(rows, positions, k, dtype=torch.int32)
+    logprobs = torch.empty(rows, positions, k, dtype=torch.float32)
+    chunk = chunk_positions(head.weight.shape[0])
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, rows, batch_size):
+            batch = blocks[start : start + batch_size].to(device)
+            hidden = decoder_of(model)(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            top_values, top_indices = [], []
+            for first in range(0, flat.shape[0], chunk):
+                logp = F.log_softmax(_upcast(head(flat[first : first + chunk])) / temperature, dim=-1)
+                values, index = logp.topk(k, dim=-1)
+                top_values.append(values.cpu())
+                top_indices.append(index.to(torch.int32).cpu())
+            shape = (batch.shape[0], positions, k)
+            logprobs[start : start + batch.shape[0]] = torch.cat(top_values).view(shape)
+            indices[start : start + batch.shape[0]] = torch.cat(top_indices).view(shape)
+    finally:
+        model.train(was_training)
+    return TeacherTargets(indices, logprobs, temperature)
+
+
+@torch.no_grad()
+def summed_nll(model: nn.Module, blocks: Tensor) -> float:
+    """Summed next-token NLL of a batch of blocks (no logits beyond one chunk)."""
+    total, _ = causal_lm_loss(model, blocks)
+    return float(total) * blocks[:, 1:].numel()

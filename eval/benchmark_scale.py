@@ -1,0 +1,264 @@
+"""What each pipeline stage costs at real model sizes: wall time and peak memory per stage.
+
+    python eval/benchmark_scale.py                        # Llama-3.2-1B shape (fp32) + Llama-2-7B shape (bf16)
+    python eval/benchmark_scale.py --models 1b --steps 3   # one model
+    python eval/benchmark_scale.py --device cuda --models 7b,8b --dtype bfloat16   # on a GPU
+
+Random weights with the real configs are written once to ``--work-dir`` (safetensors, like a Hub
+checkpoint) by a separate process; every model's stages then run in a fresh process:
+
+- ``load``: ``dms_llm.load_model`` of the folder;
+- ``search step``: steps of the real ``search`` at the default settings (8 blocks x 128 tokens,
+  weights frozen), timed between steps; peak = weights + activations;
+- ``layer scoring``: one ``measure_layer_scores`` at the default ``score_blocks``; its share of a
+  default search (how often it runs x its time, over 300 steps) is reported;
+- ``plain fwd+bwd``: the same batch through the plain model with every weight trainable;
+- ``landing``: the deterministic fit of the hard masks onto the budget (ratio 0.2);
+- ``slicing`` and ``saving``: ``slice_model`` and ``save_pruned``.
+
+Peak memory is the process's peak RSS during the stage (CPU; the high-water mark is reset per
+stage through /proc/self/clear_refs) or ``torch.cuda.max_memory_allocated`` (GPU). Writes
+eval/results/scale.{json,md} (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TOKENIZER = ROOT.parent / "shared" / "data" / "models" / "stories260K"  # any tokenizer: saving needs one
+
+CONFIGS = {
+    "1b": ("Llama-3.2-1B", "float32", dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+        max_position_embeddings=131072, rope_theta=500000.0,
+    )),
+    "7b": ("Llama-2-7B", "bfloat16", dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+    )),
+    "8b": ("Llama-3-8B", "bfloat16", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+    )),
+}  # fmt: skip
+GIB = 2**30
+
+
+# ---- memory probes ------------------------------------------------------------------------
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
+
+
+def peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+class Stage:
+    """Context manager timing one stage and recording its peak memory."""
+
+    def __init__(self, name: str, device: str, record: dict):
+        self.name, self.device, self.record = name, device, record
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        reset_peak(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.start
+        self.record[self.name] = {"seconds": round(seconds, 3), "peak_gib": round(peak_bytes(self.device) / GIB, 3)}
+        print(f"  {self.name:14s} {seconds:8.2f} s  peak {self.record[self.name]['peak_gib']:6.2f} GiB", flush=True)
+
+
+# ---- the random checkpoint ----------------------------------------------------------------
+def make_checkpoint(name: str, folder: Path, device: str) -> None:
+    """Random weights (std 0.02, norms 1) with the real config, saved as safetensors."""
+    from accelerate import init_empty_weights
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    _, dtype, config = CONFIGS[name]
+    with init_empty_weights():
+        model = LlamaForCausalLM(LlamaConfig(**config)).to(getattr(torch, dtype))
+    model.to_empty(device=device)  # made where it runs: no host copy of GPU weights
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for pname, parameter in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0.0, 0.02, generator=generator)
+    model.tie_weights()
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
+
+
+# ---- the stages ---------------------------------------------------------------------------
+def run_stages(name: str, folder: Path, args) -> dict:
+    from dms_llm.budget import ParamCounter, resolve_budget
+    from dms_llm.checkpoint import load_model, save_pruned
+    from dms_llm.config import PruneConfig, SearchConfig
+    from dms_llm.pipeline import masks_for
+    from dms_llm.search_loop import search
+    from dms_llm.slicing import slice_model
+    from dms_llm.structure import land, measure_layer_scores
+
+    device, record = args.device, {}
+    with Stage("load", device, record):
+        model, tokenizer = load_model(str(folder), dtype=CONFIGS[name][1], device=device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    config = PruneConfig(ratio=0.2)
+    defaults = SearchConfig()
+    counter = ParamCounter.from_model(model, masks_for(model, config).adapter)
+    budget = resolve_budget(counter, ratio=0.2)
+    masks = masks_for(model, config)
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, model.config.vocab_size, (64, config.data.seq_len), generator=generator)
+    batch = blocks[: defaults.batch_size].to(device)
+    label, dtype = CONFIGS[name][:2]
+    result = {"model": label, "dtype": dtype, "params": counter.total, "weights_gib": weights / GIB}
+
+    if args.steps > 0:
+        stamps: list[float] = []
+        search_config = SearchConfig(
+            steps=args.steps + 1, layer_score_every=10**6, refine_fraction=0.0, save_every=0
+        )
+        with Stage("search", device, record):
+            # step 0 also measures the layer scores: the step time is taken from the later steps
+            outcome = search(model, masks, counter, budget, blocks, search_config, progress=False,
+                             on_step=lambda step, _: stamps.append(time.perf_counter()))  # fmt: skip
+        step_seconds = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        record["search step"] = {"seconds": round(step_seconds, 3), "peak_gib": record.pop("search")["peak_gib"]}
+        with Stage("layer scoring", device, record):
+            measure_layer_scores(model, masks, blocks[: defaults.score_blocks].to(device))
+        with Stage("plain fwd+bwd", device, record):
+            model.requires_grad_(True)
+            model.train()
+            model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False).eval()
+        arch = outcome.architecture
+        # a default search scores layers every layer_score_every steps until the refine phase
+        refine_start = round((1 - defaults.refine_fraction) * defaults.steps)
+        scorings = len(range(0, refine_start, defaults.layer_score_every))
+        result["layer_scoring_share"] = (
+            scorings * record["layer scoring"]["seconds"] / (defaults.steps * step_seconds)
+        )
+        result["step_over_plain"] = step_seconds / record["plain fwd+bwd"]["seconds"]
+    else:
+        arch = masks.architecture()
+    with torch.no_grad():  # landing from masks that keep a random 90%: a real amount of work
+        for groups in masks.importance.values():
+            for group in groups:
+                group.copy_(torch.rand(group.shape, generator=generator))
+        for ratio in masks.keep_ratios.values():
+            ratio.fill_(0.9)
+    with Stage("landing", device, record):
+        landed = land(masks, counter, budget, masks.architecture())
+    arch = landed if args.steps == 0 else arch
+    masks.remove()
+    with Stage("slicing", device, record):
+        slice_model(model, arch, "per_layer")
+    out = args.work_dir / f"{name}-pruned"
+    with Stage("saving", device, record):
+        save_pruned(model, tokenizer, out, overwrite=True)
+    for stage in record.values():
+        stage["peak_over_weights"] = round(stage["peak_gib"] * GIB / weights, 3)
+    result["stages"] = record
+    return result
+
+
+# ---- orchestration ------------------------------------------------------------------------
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def write_results(results: list[dict], args, command: str) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(args.device), "command": command, "results": results}
+    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    lines = [
+        f"Cost of each stage on {payload['machine']}; random weights with the real configs, ratio 0.2, "
+        "search at the defaults (8 x 128 tokens a step, weights frozen). Peak: peak RSS of the stage "
+        "(GPU: max allocated), and that over the weight bytes.",
+        "",
+        "| model | stage | seconds | peak GiB | peak / weights |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        for stage, v in r["stages"].items():
+            label = f"{r['model']} ({r['dtype']}, {r['params'] / 1e9:.2f}B, {r['weights_gib']:.2f} GiB)"
+            cells = f"{v['seconds']:.3f} | {v['peak_gib']:.2f} | {v['peak_over_weights']:.2f}"
+            lines.append(f"| {label} | {stage} | {cells} |")
+    lines.append("")
+    for r in results:
+        if "step_over_plain" in r:
+            lines.append(
+                f"- {r['model']}: search step / plain forward+backward = {r['step_over_plain']:.2f}; "
+                f"layer scoring = {100 * r['layer_scoring_share']:.1f}% of a default 300-step search."
+            )
+    lines += ["", f"Command: `{command}`.", ""]
+    args.out.with_suffix(".md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="1b,7b")
+    parser.add_argument("--steps", type=int, default=2, help="timed search steps (0: skip the search stages)")
+    parser.add_argument("--search-models", default="1b", help="models whose search stages run (CPU: the 7B is slow)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dms-llm-scale")
+    parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "scale")
+    parser.add_argument("--stage", help=argparse.SUPPRESS)  # internal: make:NAME or run:NAME
+    args = parser.parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.stage:
+        action, name = args.stage.split(":")
+        folder = args.work_dir / name
+        if action == "make":
+            make_checkpoint(name, folder, args.device)
+        else:
+            args.steps = args.steps if name in args.search_models.split(",") else 0
+            print(json.dumps(run_stages(name, folder, args)), flush=True)
+        return
+    command = "python eval/benchmark_scale.py " + " ".join(sys.argv[1:])
+    results = []
+    for name in args.models.split(","):
+        base = [sys.executable, __file__, *sys.argv[1:]]
+        if not (args.work_dir / name / "config.json").exists():
+            subprocess.run([*base, "--stage", f"make:{name}"], check=True)
+        print(f"{CONFIGS[name][0]}:", flush=True)
+        done = subprocess.run([*base, "--stage", f"run:{name}"], check=True, stdout=subprocess.PIPE, text=True)
+        lines = done.stdout.strip().splitlines()
+        print("\n".join(lines[:-1]))
+        results.append(json.loads(lines[-1]))
+    write_results(results, args, command.strip())
+
+
+if __name__ == "__main__":
+    main()
