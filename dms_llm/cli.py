@@ -173,7 +173,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     output_dir = check_output_dir(args.output_dir or _default_output(args.model, config), args.overwrite)
     _check_before_loading(args.model, config)
 
-    from .launch import make_accelerator, relaunch_cpu_ranks, requested_cpu_processes
+    from .launch import check_distributed, make_accelerator, relaunch_cpu_ranks, requested_cpu_processes
 
     if (processes := requested_cpu_processes()) > 1:
         print(f"accelerate launch --cpu starts one process; dms-llm starts the {processes} CPU ranks (torch elastic)")
@@ -186,6 +186,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     # one process, or each rank of `torchrun` / `accelerate launch -m dms_llm prune ...`
     accelerator = make_accelerator(config.device)
+    check_distributed(accelerator)
     main = accelerator.is_main_process
     console = Console(quiet=not main)
     if args.quiet or not main:

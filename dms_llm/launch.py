@@ -34,6 +34,20 @@ def make_accelerator(device: str = "auto"):
     return Accelerator(cpu=use_cpu)
 
 
+def check_distributed(accelerator) -> None:
+    """Refuse launcher settings the search does not honour, before any weights load."""
+    from accelerate import DistributedType
+
+    from .errors import DMSError
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise DMSError(
+            "FSDP-sharded searches are not supported yet: every rank would hold the whole model. Launch without "
+            "the FSDP config (data-parallel ranks), or spread one model over the GPUs of one process with "
+            "--device-map auto"
+        )
+
+
 def requested_cpu_processes() -> int:
     """N when this process was started by ``accelerate launch --cpu --num_processes N`` (N > 1), else 1."""
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or "WORLD_SIZE" in os.environ:

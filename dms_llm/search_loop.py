@@ -40,6 +40,7 @@ from .architecture import Architecture
 from .budget import Budget, ParamCounter, budget_penalty
 from .config import SearchConfig
 from .errors import DMSError
+from .launch import check_distributed
 from .layer_scores import ScoreBudget, measure_layer_scores
 from .losses import CausalLMLoss, TeacherTargets
 from .masks import MaskSet
@@ -104,6 +105,7 @@ def search(
     ``teacher``: the dense model's targets on ``blocks`` (joint mode distils from them).
     """
     accelerator = accelerator or Accelerator()
+    check_distributed(accelerator)
     torch.manual_seed(seed)
     joint = config.mode == "joint"
     model.requires_grad_(joint)

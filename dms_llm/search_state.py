@@ -70,7 +70,8 @@ def save_state(
         if value.data_ptr() in seen:  # tied weights (embeddings / lm_head) are stored once
             continue
         seen.add(value.data_ptr())
-        tensors[f"weights.{name}"] = value.detach().cpu().clone().contiguous()
+        # no copy on the host: safetensors only reads the tensor (from a GPU, .cpu() is the copy)
+        tensors[f"weights.{name}"] = value.detach().cpu().contiguous()
     save_file(tensors, str(staging / TENSORS))
     (staging / META).write_text(json.dumps({**meta, "step": step, "optimizers": optimizer_meta}) + "\n")
     if folder.exists():

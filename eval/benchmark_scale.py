@@ -10,20 +10,23 @@ checkpoint) by a separate process; every model's stages then run in a fresh proc
 - ``load``: ``dms_llm.load_model`` of the folder;
 - ``search step``: steps of the real ``search`` at the default settings (8 blocks x 128 tokens,
   weights frozen), timed between steps; peak = weights + activations;
-- ``layer scoring``: one ``measure_layer_scores`` at the default ``score_blocks``; its share of a
-  default search (how often it runs x its time, over 300 steps) is reported;
+- ``layer scoring`` / ``first scoring``: ``measure_layer_scores`` at the default settings (a later
+  scoring, and the first, which adds a block-influence pass); their share of a default search
+  (the first + the later ones, over 300 steps) is reported;
 - ``plain fwd+bwd``: the same batch through the plain model with every weight trainable;
 - ``landing``: the deterministic fit of the hard masks onto the budget (ratio 0.2);
 - ``slicing`` and ``saving``: ``slice_model`` and ``save_pruned``.
 
-Peak memory is the process's peak RSS during the stage (CPU; the high-water mark is reset per
-stage through /proc/self/clear_refs) or ``torch.cuda.max_memory_allocated`` (GPU). Writes
+Peak memory is the process's peak RSS during the stage (CPU; freed memory is returned to the
+system with ``malloc_trim`` and the high-water mark reset through /proc/self/clear_refs before
+each stage) or ``torch.cuda.max_memory_allocated`` (GPU). Writes
 eval/results/scale.{json,md} (or --out).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -60,8 +63,10 @@ GIB = 2**30
 def reset_peak(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
+        return
+    # memory an earlier stage freed but glibc kept would count as this stage's: give it back first
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
 
 
 def peak_bytes(device: str) -> int:
@@ -121,10 +126,11 @@ def run_stages(name: str, folder: Path, args) -> dict:
     from dms_llm.budget import ParamCounter, resolve_budget
     from dms_llm.checkpoint import load_model, save_pruned
     from dms_llm.config import PruneConfig, SearchConfig
+    from dms_llm.layer_scores import ScoreBudget, measure_layer_scores
     from dms_llm.pipeline import masks_for
     from dms_llm.search_loop import search
     from dms_llm.slicing import slice_model
-    from dms_llm.structure import land, measure_layer_scores
+    from dms_llm.structure import land
 
     device, record = args.device, {}
     with Stage("load", device, record):
@@ -152,8 +158,14 @@ def run_stages(name: str, folder: Path, args) -> dict:
                              on_step=lambda step, _: stamps.append(time.perf_counter()))  # fmt: skip
         step_seconds = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
         record["search step"] = {"seconds": round(step_seconds, 3), "peak_gib": record.pop("search")["peak_gib"]}
-        with Stage("layer scoring", device, record):
-            measure_layer_scores(model, masks, blocks[: defaults.score_blocks].to(device))
+        score_blocks = blocks[: defaults.score_blocks]
+        head = model.get_output_embeddings().weight.numel()
+        budget_of_scoring = ScoreBudget.for_search(counter, head, defaults, blocks.shape[1])
+        with Stage("layer scoring", device, record):  # a later scoring: ranked by the last scores
+            measure_layer_scores(model, masks, score_blocks, budget_of_scoring)
+        masks.importance["layers"][0].zero_()
+        with Stage("first scoring", device, record):  # the first: an extra block-influence pass
+            measure_layer_scores(model, masks, score_blocks, budget_of_scoring)
         with Stage("plain fwd+bwd", device, record):
             model.requires_grad_(True)
             model.train()
@@ -164,10 +176,10 @@ def run_stages(name: str, folder: Path, args) -> dict:
         # a default search scores layers every layer_score_every steps until the refine phase
         refine_start = round((1 - defaults.refine_fraction) * defaults.steps)
         scorings = len(range(0, refine_start, defaults.layer_score_every))
-        result["layer_scoring_share"] = (
-            scorings * record["layer scoring"]["seconds"] / (defaults.steps * step_seconds)
-        )
+        scoring_seconds = record["first scoring"]["seconds"] + (scorings - 1) * record["layer scoring"]["seconds"]
+        result["layer_scoring_share"] = scoring_seconds / (defaults.steps * step_seconds)
         result["step_over_plain"] = step_seconds / record["plain fwd+bwd"]["seconds"]
+        result["search_activations_gib"] = record["search step"]["peak_gib"] - record["load"]["peak_gib"]
     else:
         arch = masks.architecture()
     with torch.no_grad():  # landing from masks that keep a random 90%: a real amount of work
@@ -220,7 +232,9 @@ def write_results(results: list[dict], args, command: str) -> None:
         if "step_over_plain" in r:
             lines.append(
                 f"- {r['model']}: search step / plain forward+backward = {r['step_over_plain']:.2f}; "
-                f"layer scoring = {100 * r['layer_scoring_share']:.1f}% of a default 300-step search."
+                f"layer scoring = {100 * r['layer_scoring_share']:.1f}% of a default 300-step search; "
+                f"activations of a search step (8 x 128 tokens): {r['search_activations_gib']:.2f} GiB "
+                "over the loaded weights."
             )
     lines += ["", f"Command: `{command}`.", ""]
     args.out.with_suffix(".md").write_text("\n".join(lines))

@@ -16,8 +16,6 @@ import pytest
 from conftest import STORIES, TINYSTORIES, require_shared
 from safetensors import safe_open
 
-pytestmark = pytest.mark.slow
-
 PRUNE = [
     "prune",
     str(STORIES),
@@ -65,6 +63,7 @@ LAUNCHERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_rank_cli_writes_one_complete_folder_with_the_one_process_architecture(
     launcher, one_process, tmp_path
@@ -82,3 +81,17 @@ def test_two_rank_cli_writes_one_complete_folder_with_the_one_process_architectu
     assert report["architecture"] == one_process["architecture"]
     assert report["params"] == one_process["params"]
     assert sum(1 for _ in out.iterdir()) >= 5  # config, weights, tokenizer, report, modeling file
+
+
+def test_an_fsdp_launch_is_refused_before_any_weights_load():
+    # accelerate only reports FSDP on GPUs, so a stand-in accelerator plays the launched rank
+    from accelerate import DistributedType
+
+    from dms_llm.errors import DMSError
+    from dms_llm.launch import check_distributed
+
+    class FsdpRank:
+        distributed_type = DistributedType.FSDP
+
+    with pytest.raises(DMSError, match="FSDP-sharded searches are not supported yet"):
+        check_distributed(FsdpRank())
