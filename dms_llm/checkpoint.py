@@ -219,6 +219,7 @@ def save_pruned(
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+            carry_tokenizer_files(tokenizer, staging)
         if getattr(model.config, "dms_layer_shapes", None):
             shutil.copyfile(Path(__file__).with_name(MODELING_FILE), staging / MODELING_FILE)
         if report is not None:
@@ -233,6 +234,48 @@ def save_pruned(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+# The files a tokenizer is made of. transformers 5 re-saves only some (no ``tokenizer.model``), and
+# llama.cpp's converter then silently builds a different vocabulary from what is left: every
+# output carries the base model's own files, byte for byte.
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.tiktoken",
+)
+
+
+def tokenizer_source(tokenizer) -> Path | None:
+    """The folder the tokenizer was loaded from (a local folder, or the cached Hub snapshot)."""
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    if not name:
+        return None
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=list(TOKENIZER_FILES), local_files_only=True))
+    except Exception:  # not a Hub name, or not cached: the re-saved files are all there is
+        return None
+
+
+def carry_tokenizer_files(tokenizer, folder: Path) -> list[str]:
+    """Copy the tokenizer's original files into ``folder`` (over the re-saved ones); returns their names."""
+    source = tokenizer_source(tokenizer)
+    if source is None or source.resolve() == Path(folder).resolve():
+        return []
+    carried = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for name in carried:
+        shutil.copyfile(source / name, Path(folder) / name)
+    return carried
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

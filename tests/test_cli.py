@@ -57,6 +57,9 @@ def test_prune_end_to_end_on_stories260k(tmp_path):
     assert report["command"].startswith("dms-llm prune")
     model = load_pruned(out)
     assert sum(p.numel() for p in model.parameters()) == params["after"]
+    # the base model's tokenizer files, byte for byte (llama.cpp's converter needs tokenizer.model)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (STORIES / name).read_bytes(), name
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
     story = tokenizer.decode(model.generate(ids, max_new_tokens=20, do_sample=False)[0], skip_special_tokens=True)

@@ -167,4 +167,6 @@ def test_recover_command_distils_from_the_model_named_in_the_report(tmp_path, st
     assert saved["params"] == report.params  # the pruning record is kept
     recovered = load_pruned(out)
     assert sum(p.numel() for p in recovered.parameters()) == report.params["after"]
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):  # carried through prune and recover
+        assert (out / name).read_bytes() == (STORIES / name).read_bytes(), name
     assert (out / "modeling_dms_pruned.py").exists() == (source / "modeling_dms_pruned.py").exists()
