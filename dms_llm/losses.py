@@ -81,13 +81,17 @@ class _ChunkedHead(torch.autograd.Function):
 
 
 def chunked_head_loss(
-    hidden: Tensor, head: nn.Linear, loss_fn: Callable, targets: Sequence[Tensor], parts: Tensor
-) -> Tensor:
-    """Sum over positions of ``loss_fn(logits_chunk, *targets_chunk)``; ``parts`` accumulates its extras."""
+    hidden: Tensor, head: nn.Linear, loss_fn: Callable, targets: Sequence[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """(sum over positions of ``loss_fn(logits_chunk, *targets_chunk)``, the sums of its extras)."""
     if head.bias is not None:
         raise NotImplementedError("a biased lm_head is not supported")
     chunk = chunk_positions(head.weight.shape[0])
-    return _ChunkedHead.apply(hidden, head.weight, loss_fn, chunk, parts, *targets)
+    # with --device-map the last layer and lm_head may sit on different GPUs: follow the head
+    device = head.weight.device
+    hidden, targets = hidden.to(device), [t.to(device) for t in targets]
+    parts = torch.zeros(2, dtype=_upcast(hidden[:0]).dtype, device=device)
+    return _ChunkedHead.apply(hidden, head.weight, loss_fn, chunk, parts, *targets), parts
 
 
 @dataclass
@@ -133,9 +137,8 @@ def _losses(kd_weight: float, temperature: float, task_weight: float) -> Callabl
 def summed_nll_of_hidden(model: nn.Module, hidden: Tensor, input_ids: Tensor) -> Tensor:
     """Summed next-token NLL from the final (normed) hidden states (B, T, H) of ``input_ids``."""
     positions = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    parts = torch.zeros(2, dtype=_upcast(positions[:0]).dtype, device=positions.device)
-    labels = input_ids[:, 1:].reshape(-1).to(positions.device)
-    return chunked_head_loss(positions, model.get_output_embeddings(), _losses(0.0, 1.0, 1.0), [labels], parts)
+    labels = input_ids[:, 1:].reshape(-1)
+    return chunked_head_loss(positions, model.get_output_embeddings(), _losses(0.0, 1.0, 1.0), [labels])[0]
 
 
 def causal_lm_loss(
@@ -152,13 +155,10 @@ def causal_lm_loss(
     targets: list[Tensor] = [labels]
     temperature = 1.0
     if teacher is not None and kd_weight > 0:
-        device = positions.device
-        targets += [teacher.indices.reshape(labels.numel(), -1).to(device),
-                    teacher.logprobs.reshape(labels.numel(), -1).to(device)]  # fmt: skip
+        targets += [teacher.indices.reshape(labels.numel(), -1), teacher.logprobs.reshape(labels.numel(), -1)]
         temperature = teacher.temperature
-    parts = torch.zeros(2, dtype=_upcast(positions[:0]).dtype, device=positions.device)
-    total = chunked_head_loss(
-        positions, model.get_output_embeddings(), _losses(kd_weight, temperature, task_weight), targets, parts
+    total, parts = chunked_head_loss(
+        positions, model.get_output_embeddings(), _losses(kd_weight, temperature, task_weight), targets
     )
     count = labels.numel()
     return total / count, parts / count

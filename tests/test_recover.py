@@ -93,26 +93,34 @@ def test_distillation_from_top_k_targets_lowers_the_kl(stories):
     assert last < 0.8 * first, (first, last)
 
 
+def _live(kind):
+    return [o for o in gc.get_objects() if isinstance(o, kind)]
+
+
 def test_prune_with_distilled_recovery_holds_no_second_model(stories, monkeypatch):
     """The teacher of --recover lora --distill is top-k targets, not a second set of weights."""
     require_shared()
     import dms_llm.recover as recover_module
 
+    # what other tests left alive is not this run's doing: hold it (so no address is reused) and skip it
+    before_models, before_tensors = _live(PreTrainedModel), _live(torch.Tensor)
+    before = {t.untyped_storage().data_ptr() for t in before_tensors}
     seen = {}
     train = recover_module.train_lora
 
     def spy(peft_model, blocks, config, teacher=None, *args, **kwargs):
-        student = {p.data_ptr() for p in peft_model.parameters()}
-        student_bytes = sum(p.nbytes for p in peft_model.parameters())
-        others = {}  # every other live float matrix: a teacher copy would show up here
-        for obj in gc.get_objects():
-            matrix = isinstance(obj, torch.Tensor) and obj.is_floating_point() and obj.dim() >= 2
-            if matrix and obj.data_ptr() not in student and obj is not teacher.logprobs:
-                others[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
-        base = peft_model.get_base_model()
-        own = {id(m) for m in base.modules()}  # the student and its inner decoder
-        models = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel) and id(o) not in own]
-        seen.update(teacher=teacher, student_bytes=student_bytes, other_bytes=sum(others.values()), models=models)
+        student = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
+        others = {}  # every other float matrix made by this run: a teacher copy would show up here
+        for tensor in _live(torch.Tensor):
+            if not (tensor.is_floating_point() and tensor.dim() >= 2) or tensor is teacher.logprobs:
+                continue
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in student | before:
+                others[storage.data_ptr()] = storage.nbytes()
+        own = {id(m) for m in peft_model.get_base_model().modules()}  # the student and its inner decoder
+        known = {id(m) for m in before_models}
+        models = [o for o in _live(PreTrainedModel) if id(o) not in own | known]
+        seen.update(teacher=teacher, other_bytes=sum(others.values()), models=models)
         return train(peft_model, blocks, config, teacher, *args, **kwargs)
 
     monkeypatch.setattr(recover_module, "train_lora", spy)
