@@ -46,52 +46,51 @@ class _ChunkedHead(torch.autograd.Function):
     """Summed per-token loss of ``hidden @ weight.T``, chunk by chunk, gradients taken in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, loss_fn, chunk, parts, *targets):
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
+    def forward(ctx, hidden, weight, bias, loss_fn, chunk, parts, *targets):
+        inputs = (hidden, weight, bias)
+        needs = [ctx.needs_input_grad[i] and inputs[i] is not None for i in range(3)]
+        grads = [torch.zeros_like(t) if need else None for t, need in zip(inputs, needs)]
         total = torch.zeros((), dtype=_upcast(hidden[:0]).dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             stop = min(start + chunk, hidden.shape[0])
-            piece = hidden[start:stop].detach().requires_grad_(need_hidden)
-            head = weight.detach().requires_grad_(need_weight)
+            leaves = [
+                t.detach().requires_grad_(need) if t is not None else None
+                for t, need in zip((hidden[start:stop], weight, bias), needs)
+            ]
             with torch.enable_grad():
-                loss, chunk_parts = loss_fn(_upcast(F.linear(piece, head)), *(t[start:stop] for t in targets))
-            if need_hidden or need_weight:
-                wanted = [t for t, need in ((piece, need_hidden), (head, need_weight)) if need]
-                grads = iter(torch.autograd.grad(loss, wanted))
-                if need_hidden:
-                    grad_hidden[start:stop] = next(grads)
-                if need_weight:
-                    grad_weight += next(grads)
+                logits = _upcast(F.linear(*leaves))
+                loss, chunk_parts = loss_fn(logits, *(t[start:stop] for t in targets))
+            if any(needs):
+                found = iter(torch.autograd.grad(loss, [t for t, need in zip(leaves, needs) if need]))
+                for index, need in enumerate(needs):
+                    if need and index == 0:
+                        grads[0][start:stop] = next(found)
+                    elif need:
+                        grads[index] += next(found)
             total += loss.detach()
             parts += chunk_parts
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        ctx.present = [g is not None for g in grads]
         ctx.untracked = 3 + len(targets)  # loss_fn, chunk, parts and the targets get no gradient
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (
-            grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None,
-            grad_weight * grad_output.to(grad_weight.dtype) if grad_weight is not None else None,
-            *([None] * ctx.untracked),
-        )
+        grads = [g if present else None for g, present in zip(ctx.saved_tensors, ctx.present)]
+        scaled = [g * grad_output.to(g.dtype) if g is not None else None for g in grads]
+        return (*scaled, *([None] * ctx.untracked))
 
 
 def chunked_head_loss(
     hidden: Tensor, head: nn.Linear, loss_fn: Callable, targets: Sequence[Tensor]
 ) -> tuple[Tensor, Tensor]:
     """(sum over positions of ``loss_fn(logits_chunk, *targets_chunk)``, the sums of its extras)."""
-    if head.bias is not None:
-        raise NotImplementedError("a biased lm_head is not supported")
     chunk = chunk_positions(head.weight.shape[0])
     # with --device-map the last layer and lm_head may sit on different GPUs: follow the head
     device = head.weight.device
     hidden, targets = hidden.to(device), [t.to(device) for t in targets]
     parts = torch.zeros(2, dtype=_upcast(hidden[:0]).dtype, device=device)
-    return _ChunkedHead.apply(hidden, head.weight, loss_fn, chunk, parts, *targets), parts
+    return _ChunkedHead.apply(hidden, head.weight, head.bias, loss_fn, chunk, parts, *targets), parts
 
 
 @dataclass

@@ -76,3 +76,23 @@ def test_teacher_targets_are_the_dense_models_top_k():
     assert targets.indices.shape == (2, 8, 4) and targets.indices.dtype == torch.int32
     torch.testing.assert_close(targets.logprobs, expected.values, atol=1e-5, rtol=0)
     assert torch.equal(targets.select([1]).indices, targets.indices[1:2])
+
+
+def test_a_biased_head_gets_the_same_loss_and_gradients(small_chunks):
+    model = make_tiny("llama_gqa").double()
+    head = torch.nn.Linear(64, 128, bias=True, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.normal_(0.0, 0.5)
+    model.lm_head = head
+    model.requires_grad_(True)
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    loss, _ = causal_lm_loss(model, tokens)
+    loss.backward()
+    chunked = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    full = F.cross_entropy(model(tokens).logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    full.backward()
+    assert loss.item() == pytest.approx(full.item(), abs=1e-12)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(chunked[name], parameter.grad, atol=1e-12, rtol=0, msg=name)
