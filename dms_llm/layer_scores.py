@@ -80,8 +80,8 @@ class _Recorder:
     """Hooks on the decoder layers: each layer's input and call arguments, and its block influence."""
 
     def __init__(self, layers: nn.ModuleList, keep: set[int]):
-        self.keep, self.inputs, self.calls = keep, {}, {}
-        self.influence = torch.zeros(len(layers), dtype=torch.float64)
+        self.keep, self.inputs, self.calls, self.num_layers = keep, {}, {}, len(layers)
+        self.sums: dict[int, Tensor] = {}  # summed 1 - cos per layer, on its device (no sync per layer)
         self.handles = []
         for index, layer in enumerate(layers):
             self.handles.append(layer.register_forward_pre_hook(self._pre(index), with_kwargs=True))
@@ -98,7 +98,7 @@ class _Recorder:
         def hook(module, args, kwargs, output):
             out = output[0] if isinstance(output, tuple) else output
             cosine = F.cosine_similarity(self.inputs[index].float(), out.float(), dim=-1)
-            self.influence[index] += float((1.0 - cosine).sum())
+            self.sums[index] = (1.0 - cosine).sum()
             if index not in self.keep:
                 del self.inputs[index]
 
@@ -108,22 +108,26 @@ class _Recorder:
         for handle in self.handles:
             handle.remove()
 
+    @property
+    def influence(self) -> Tensor:
+        """Summed block influence of every layer in the recorded pass (one transfer to the host)."""
+        total = torch.zeros(self.num_layers, dtype=torch.float64)
+        if self.sums:
+            indices = sorted(self.sums)
+            total[indices] = torch.stack([self.sums[i].cpu() for i in indices]).to(torch.float64)
+        return total
 
-def _replay(model: nn.Module, layers: nn.ModuleList, recorder: _Recorder, start: int, batch: Tensor) -> Tensor:
+
+def _replay(
+    model: nn.Module, layers: nn.ModuleList, norm: nn.Module, recorder: _Recorder, start: int, batch: Tensor
+) -> Tensor:
     """Summed NLL of ``batch`` when the decoder runs from layer ``start`` on its recorded input."""
     hidden = recorder.inputs[start]
     for index in range(start, len(layers)):
         args, kwargs = recorder.calls[index]
         output = layers[index](hidden, *args, **kwargs)
         hidden = output[0] if isinstance(output, tuple) else output
-    hidden = model.get_submodule(_norm_path(model))(hidden)
-    return summed_nll_of_hidden(model, hidden, batch)
-
-
-def _norm_path(model: nn.Module) -> str:
-    from .adapters import get_adapter
-
-    return get_adapter(model.config).final_norm
+    return summed_nll_of_hidden(model, norm(hidden), batch)
 
 
 @torch.no_grad()
@@ -143,6 +147,7 @@ def measure_layer_scores(
     """
     device = model.get_input_embeddings().weight.device
     layers = masks.adapter.decoder_layers(model)
+    norm = model.get_submodule(masks.adapter.final_norm)
     previous = masks.importance["layers"][0].detach().cpu().to(torch.float64)
     saved_mode = masks.mode
     masks.mode = "hard"
@@ -176,7 +181,7 @@ def measure_layer_scores(
                 toggled = layer_mask.clone()
                 toggled[layer] = 1.0 - toggled[layer]
                 masks.active["layers"] = [toggled]
-                losses[layer] += float(_replay(model, layers, recorder, layer, batch))
+                losses[layer] += float(_replay(model, layers, norm, recorder, layer, batch))
                 masks.active["layers"] = [layer_mask]
         if reduce is not None and world > 1:
             losses = reduce(losses.to(device)).cpu()
