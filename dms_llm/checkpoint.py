@@ -82,11 +82,14 @@ def empty_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", device_map: str | None = None):
+def load_model(
+    name_or_path: str, dtype: str = "auto", device: str = "auto", device_map: str | None = None, shard: bool = False
+):
     """(model, tokenizer) for pruning: a Llama-family causal LM from a folder or the Hub.
 
     The weights go straight to ``device`` (or to the GPUs of ``device_map``), never through a
-    full host copy.
+    full host copy. ``shard=True`` (in a multi-process run) splits the decoder layers over the
+    ranks, each reading only its own rows (see ``sharding``).
     """
     from transformers import AutoTokenizer
 
@@ -94,7 +97,12 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", dev
     get_adapter(config)  # unsupported families fail here, before the weights load
     target = resolve_device(device)
     try:
-        model = load_causal_lm(name_or_path, resolve_dtype(dtype, target), target, device_map)
+        if shard:
+            from .sharding import load_sharded
+
+            model = load_sharded(name_or_path, resolve_dtype(dtype, target), target)
+        else:
+            model = load_causal_lm(name_or_path, resolve_dtype(dtype, target), target, device_map)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0]

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
     prune.add_argument("--quiet", action="store_true", help="no progress bar")
     prune.add_argument("--resume", action="store_true", help="continue an interrupted search from its saved state")
+    prune.add_argument(
+        "--shard", action="store_true", help="under torchrun/accelerate: split the layers over the ranks (FSDP)"
+    )
     for flag, (key, kind, text) in PRUNE_FLAGS.items():
         metavar = flag.lstrip("-").split("-")[-1].upper()
         prune.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text, metavar=metavar)
@@ -147,6 +150,8 @@ def _prune_config(args: argparse.Namespace):
         flags["eval.heldout"] = False
     if args.distill:
         flags["recover.distill"] = True
+    if args.shard:
+        flags["shard"] = True
     config = apply_overrides(merge_settings(config, flags), args.overrides)
     if args.eval and not (config.eval.ppl or config.eval.tasks):
         config.eval.ppl, config.eval.tasks = ["wikitext2"], ["default"]
@@ -173,7 +178,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     output_dir = check_output_dir(args.output_dir or _default_output(args.model, config), args.overwrite)
     _check_before_loading(args.model, config)
 
-    from .launch import check_distributed, make_accelerator, relaunch_cpu_ranks, requested_cpu_processes
+    from .launch import make_accelerator, relaunch_cpu_ranks, requested_cpu_processes, uses_fsdp
 
     if (processes := requested_cpu_processes()) > 1:
         print(f"accelerate launch --cpu starts one process; dms-llm starts the {processes} CPU ranks (torch elastic)")
@@ -186,7 +191,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     # one process, or each rank of `torchrun` / `accelerate launch -m dms_llm prune ...`
     accelerator = make_accelerator(config.device)
-    check_distributed(accelerator)
+    shard = config.shard or uses_fsdp(accelerator)  # an accelerate FSDP config means the same as --shard
+    if shard and accelerator.num_processes < 2:
+        raise DMSError("--shard splits the model over several processes: launch with torchrun or accelerate launch")
+    if shard and config.device_map:
+        raise DMSError("--shard and --device-map both split the model; choose one")
+    if shard and args.resume and config.search.mode == "joint":
+        raise DMSError("a sharded joint search keeps no resumable state; rerun without --resume")
     main = accelerator.is_main_process
     console = Console(quiet=not main)
     if args.quiet or not main:
@@ -199,7 +210,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     console.print(f"loading {args.model} ...", markup=False, highlight=False)
     if config.device_map and accelerator.num_processes > 1:
         raise DMSError("--device-map shards one model in one process; do not combine it with accelerate launch")
-    model, tokenizer = load_model(args.model, dtype=config.dtype, device=device, device_map=config.device_map)
+    model, tokenizer = load_model(
+        args.model, dtype=config.dtype, device=device, device_map=config.device_map, shard=shard
+    )
     if main and state_dir.exists() and not args.resume:
         console.print(f"note: {state_dir} holds an interrupted search; pass --resume to continue it", markup=False)
     model, report = prune(

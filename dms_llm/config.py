@@ -164,6 +164,7 @@ class PruneConfig:
     dtype: str = "auto"
     device: str = "auto"
     device_map: str | None = None  # "auto": spread one big model's layers over the GPUs (Accelerate)
+    shard: bool = False  # split the decoder layers over the launched ranks (FSDP) instead of copying them
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -34,17 +34,21 @@ def make_accelerator(device: str = "auto"):
     return Accelerator(cpu=use_cpu)
 
 
-def check_distributed(accelerator) -> None:
-    """Refuse launcher settings the search does not honour, before any weights load."""
+def uses_fsdp(accelerator) -> bool:
+    """True when the launcher's accelerate config asks for FSDP (``--use_fsdp`` or a config file)."""
     from accelerate import DistributedType
 
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_distributed(accelerator, sharded: bool = False) -> None:
+    """Refuse an FSDP launch for a model that is not sharded (every rank would hold all of it)."""
     from .errors import DMSError
 
-    if accelerator.distributed_type == DistributedType.FSDP:
+    if uses_fsdp(accelerator) and not sharded:
         raise DMSError(
-            "FSDP-sharded searches are not supported yet: every rank would hold the whole model. Launch without "
-            "the FSDP config (data-parallel ranks), or spread one model over the GPUs of one process with "
-            "--device-map auto"
+            "this accelerate config asks for FSDP, but the model is whole on every rank: load it with "
+            "dms_llm.load_sharded (the CLI does this under FSDP and with --shard)"
         )
 
 

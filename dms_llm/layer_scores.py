@@ -45,9 +45,7 @@ class ScoreBudget:
     head_cost: float  # per token: the parameters of lm_head
 
     @classmethod
-    def for_search(
-        cls, counter: ParamCounter, head_params: int, config: SearchConfig, seq_len: int
-    ) -> ScoreBudget:
+    def for_search(cls, counter: ParamCounter, head_params: int, config: SearchConfig, seq_len: int) -> ScoreBudget:
         """``config.layer_score_budget`` of a whole search's compute, spread over its scorings.
 
         A search step costs a forward and an input-gradient backward (no weight gradients) of
@@ -140,10 +138,13 @@ def measure_layer_scores(
     world: int = 1,
     reduce: Callable[[Tensor], Tensor] | None = None,
     batch_size: int = 8,
+    split_data: bool = False,
 ) -> Tensor:
     """Layer scores under the current hard masks: loss change when each (candidate) layer is toggled.
 
     Without ``budget`` every layer is measured. ``reduce`` sums a tensor over the ranks.
+    ``split_data``: the ranks split the blocks instead of the candidates (a sharded model gathers
+    each layer on all ranks at once, so every rank must run the same layers).
     """
     device = model.get_input_embeddings().weight.device
     layers = masks.adapter.decoder_layers(model)
@@ -155,17 +156,24 @@ def measure_layer_scores(
         masks.refresh()
         layer_mask = masks.active["layers"][0]
         kept = layer_mask.detach().cpu() > 0.5
+        split = split_data and world > 1 and reduce is not None
+        if split:  # equal shares: every rank runs the layers the same number of times
+            blocks = blocks[: max(1, blocks.shape[0] // world) * world]
+            if blocks.shape[0] < world:
+                blocks = blocks.repeat(world, 1)
         tokens = blocks.numel()
-        batches = [blocks[i : i + batch_size].to(device) for i in range(0, blocks.shape[0], batch_size)]
+        total = (lambda t: reduce(t.to(device)).cpu()) if split else (lambda t: t)
+        mine_blocks = _rank_share(blocks, rank, world) if split else blocks
+        batches = [mine_blocks[i : i + batch_size].to(device) for i in range(0, mine_blocks.shape[0], batch_size)]
         # candidates: the dropped layers, then the kept ones, least important first: by the last
         # scores, or (first scoring) by the block influence of an extra pass
         passes, ranking = 1, previous
         if bool(previous.max() == previous.min()):
-            passes, ranking = 2, _influence_pass(model, layers, batches) / tokens
+            passes, ranking = 2, total(_influence_pass(model, layers, batches)) / tokens
         order = [i for i in range(len(layers)) if not kept[i]]
         order += sorted((i for i in range(len(layers)) if kept[i]), key=lambda i: (float(ranking[i]), i))
         candidates = order if budget is None else budget.candidates(order, tokens, world, passes)
-        mine = sorted(candidates[rank::world])
+        mine = sorted(candidates if split else candidates[rank::world])
         # one pass: base loss and influence; this rank's candidates replayed from their inputs
         base, losses = 0.0, torch.zeros(len(layers), dtype=torch.float64)
         influence = torch.zeros(len(layers), dtype=torch.float64)
@@ -183,6 +191,9 @@ def measure_layer_scores(
                 masks.active["layers"] = [toggled]
                 losses[layer] += float(_replay(model, layers, norm, recorder, layer, batch))
                 masks.active["layers"] = [layer_mask]
+        if split:
+            base = float(total(torch.tensor([base], dtype=torch.float64)))
+            influence = total(influence)
         if reduce is not None and world > 1:
             losses = reduce(losses.to(device)).cpu()
         predicted = blocks[:, 1:].numel()  # every position but the first is scored
@@ -191,6 +202,12 @@ def measure_layer_scores(
     finally:
         masks.mode = saved_mode
         masks.deactivate()
+
+
+def _rank_share(blocks: Tensor, rank: int, world: int) -> Tensor:
+    """This rank's contiguous share of ``blocks`` (their count is a multiple of ``world``)."""
+    share = blocks.shape[0] // world
+    return blocks[rank * share : (rank + 1) * share]
 
 
 def _influence_pass(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor]) -> Tensor:

@@ -26,6 +26,7 @@ from .losses import teacher_targets
 from .masks import MaskSet
 from .report import PruneReport
 from .search_loop import search
+from .sharding import gather_model, is_sharded
 from .slicing import slice_model
 
 
@@ -54,8 +55,11 @@ def prune(
     progress: bool = True,
     state_dir: str | Path | None = None,
     resume: bool = False,
-) -> tuple[nn.Module, PruneReport]:
+) -> tuple[nn.Module | None, PruneReport | None]:
     """Prune ``model`` in place to the configured budget; returns (model, report).
+
+    A model sharded with ``load_sharded`` is gathered onto the main process's host after the
+    search; the other ranks get ``(None, None)``.
 
     ``state_dir`` keeps a resumable search state (every ``search.save_every`` steps);
     ``resume=True`` continues from it when it exists.
@@ -68,18 +72,22 @@ def prune(
     data = calibration or calibration_blocks(tokenizer, config.data, config.seed)
     seq_len = config.eval.seq_len
     main = accelerator is None or accelerator.is_main_process  # other ranks only help the search
-    heldout = main and config.eval.heldout and data.heldout.numel() >= seq_len
+    # A sharded model runs its layers' collectives on every rank, so every rank takes part in the
+    # dense evaluations (only main's results are used); a data-parallel one leaves them to main.
+    sharded = is_sharded(model)
+    evaluates = main or sharded
+    heldout = evaluates and config.eval.heldout and data.heldout.numel() >= seq_len
     dense_ppl = perplexity(model, data.heldout, seq_len, config.eval.batch_size) if heldout else None
-    full_eval = main and bool(config.eval.ppl or config.eval.tasks)
+    full_eval = evaluates and bool(config.eval.ppl or config.eval.tasks)
     if full_eval:  # the dense model is evaluated now: the search below prunes it in place
         sources = prepare_perplexity_sources(tokenizer, config.eval.ppl)
-        dense_eval = evaluate_model(model, tokenizer, config.eval, sources, progress=progress)
+        dense_eval = evaluate_model(model, tokenizer, config.eval, sources, progress=progress and main)
 
     # Distillation needs the dense model after the search has pruned it in place. Rather than a
     # copy of the model, its top-k next-token log-probabilities on the blocks that will be trained
     # on are taken now (one forward pass over them) and the teacher is those targets.
     recovery = search_teacher = recovery_teacher_targets = None
-    if main and config.recover.method == "lora" and config.recover.distill:
+    if evaluates and config.recover.method == "lora" and config.recover.distill:
         from .recover import recovery_teacher
 
         recovery, recovery_teacher_targets = recovery_teacher(model, tokenizer, config.recover, config.seed)
@@ -104,7 +112,14 @@ def prune(
         )
     finally:
         masks.remove()
+    if sharded:  # main slices and saves the whole model; the other ranks are done
+        search_device = model.get_input_embeddings().weight.device
+        model = gather_model(model)
+        if not main:
+            return None, None
     slice_model(model, result.architecture, config.layout, adapter)
+    if sharded and (heldout or full_eval or config.recover.method):  # evaluated and recovered on main's GPU
+        model.to(search_device)
 
     params_after = sum(p.numel() for p in model.parameters())
     if params_after != result.params:  # the accounting invariant; a bug if it ever fires

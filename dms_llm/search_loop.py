@@ -46,6 +46,7 @@ from .losses import CausalLMLoss, TeacherTargets
 from .masks import MaskSet
 from .refit import count_params
 from .search_state import load_state, restore_state, save_state, saved_weights
+from .sharding import is_sharded, local_weight_bytes, replicated_parameters
 from .structure import guard_layers, land, snap_uniform_heads
 
 
@@ -57,6 +58,7 @@ class SearchResult:
     history: list[dict] = field(default_factory=list)
     layer_decisions: list[dict] = field(default_factory=list)
     processes: int = 1  # data-parallel ranks that ran the search
+    rank_weight_bytes: int | None = None  # sharded: the weight bytes one rank held (its shards + replicated)
 
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
@@ -64,6 +66,8 @@ class SearchResult:
             "seconds": round(self.seconds, 2),
             "steps": len(self.history),
             "processes": self.processes,
+            "sharded": self.rank_weight_bytes is not None,
+            "rank_weight_bytes": self.rank_weight_bytes,
             "final_task_loss": last.get("task_loss"),
             "layer_decisions": self.layer_decisions,
             "history": self.history[:: max(1, len(self.history) // 50)],
@@ -105,9 +109,15 @@ def search(
     ``teacher``: the dense model's targets on ``blocks`` (joint mode distils from them).
     """
     accelerator = accelerator or Accelerator()
-    check_distributed(accelerator)
+    sharded = is_sharded(model)
+    check_distributed(accelerator, sharded)
     torch.manual_seed(seed)
     joint = config.mode == "joint"
+    if joint and sharded and resume:
+        raise DMSError(
+            "a sharded joint search keeps no resumable state (its trained weights are split over the ranks); "
+            "rerun without --resume"
+        )
     model.requires_grad_(joint)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -117,8 +127,8 @@ def search(
     forward = CausalLMLoss(model)  # chunked loss: no full-vocabulary logits
     if joint:
         optimizers["weights"] = torch.optim.AdamW(model.parameters(), lr=config.weight_lr, weight_decay=0.0)
-        if accelerator.num_processes > 1:
-            forward = accelerator.prepare_model(forward)  # DDP/FSDP from the accelerate config: weight grads sync
+        if accelerator.num_processes > 1 and not sharded:
+            forward = accelerator.prepare_model(forward)  # DDP: weight grads sync
     kd_weight = config.distill_weight if (joint and teacher is not None) else 0.0
     device = model.get_input_embeddings().weight.device
     steps, accum = config.steps, config.grad_accum
@@ -134,6 +144,7 @@ def search(
     head_params = model.get_output_embeddings().weight.numel()
     score_budget = ScoreBudget.for_search(counter, head_params, config, blocks.shape[1])
     result = SearchResult(masks.architecture(), counter.total, 0.0, processes=world)
+    result.rank_weight_bytes = local_weight_bytes(model) if sharded else None
     fingerprint = {  # a state only resumes the same run (how often it is saved may change)
         "search": {k: v for k, v in asdict(config).items() if k != "save_every"},
         "seed": seed,
@@ -162,7 +173,9 @@ def search(
         if step == refine_start and step > 0 and "heads" not in masks.frozen:
             result.layer_decisions = _settle_structure(model, masks, counter, budget, score_blocks)
         if use_layer_scores and "layers" not in masks.frozen and step % config.layer_score_every == 0:
-            scores = measure_layer_scores(model, masks, score_blocks, score_budget, rank, world, reduce, chunk)
+            scores = measure_layer_scores(
+                model, masks, score_blocks, score_budget, rank, world, reduce, chunk, split_data=sharded
+            )
             masks.set_layer_importance(scores)
         global_batch = order[step * chunk * world * accum : (step + 1) * chunk * world * accum]
         target = budget.target_at(step, decay_steps)
@@ -183,7 +196,9 @@ def search(
             task_total += task.detach().item() / accum
         masks.update_importance(config.importance_beta, reduce)
         if world > 1:
-            for parameter in masks.parameters():
+            # FSDP averages the gradients of its shards itself; the replicated tensors are averaged here
+            replicated = list(masks.parameters()) + (replicated_parameters(model) if joint and sharded else [])
+            for parameter in replicated:
                 if parameter.grad is not None:
                     parameter.grad = accelerator.reduce(parameter.grad, "mean")
         for optimizer in optimizers.values():
@@ -201,7 +216,8 @@ def search(
         }
         result.history.append(record)
         bar.set_postfix_str(_postfix(masks, record))
-        if state_dir is not None and config.save_every and (step + 1) % config.save_every == 0:
+        saves = state_dir is not None and config.save_every and not (joint and sharded)
+        if saves and (step + 1) % config.save_every == 0:
             if accelerator.is_main_process:
                 weights = model.state_dict() if joint else None
                 save_state(

@@ -54,8 +54,9 @@ def parse_args() -> argparse.Namespace:
 def run_dms(model, counter, budget, blocks, config: PruneConfig, seed: int, teacher=None):
     masks = masks_for(model, config)
     try:
-        result = search(model, masks, counter, budget, blocks, config.search, seed=seed, progress=False,
-                        teacher=teacher)
+        result = search(
+            model, masks, counter, budget, blocks, config.search, seed=seed, progress=False, teacher=teacher
+        )
     finally:
         masks.remove()
     return result.architecture, result.params

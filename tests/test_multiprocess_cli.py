@@ -2,7 +2,8 @@
 
 Both must give two ranks that split the calibration blocks, keep identical masks and find the
 architecture one process finds with ``search.grad_accum=2``; only the main rank writes, so the
-output is exactly one complete folder.
+output is exactly one complete folder. With ``--shard`` the ranks split every decoder layer
+(FSDP on gloo) and must find exactly what the data-parallel ranks find.
 """
 
 import json
@@ -65,9 +66,7 @@ LAUNCHERS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_two_rank_cli_writes_one_complete_folder_with_the_one_process_architecture(
-    launcher, one_process, tmp_path
-):
+def test_two_rank_cli_writes_one_complete_folder_with_the_one_process_architecture(launcher, one_process, tmp_path):
     done = _run([*LAUNCHERS[launcher](), *PRUNE, "-o", "out"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     # only the main rank writes: one folder, no staging or search-state leftovers, one "saved to"
@@ -83,7 +82,83 @@ def test_two_rank_cli_writes_one_complete_folder_with_the_one_process_architectu
     assert sum(1 for _ in out.iterdir()) >= 5  # config, weights, tokenizer, report, modeling file
 
 
-def test_an_fsdp_launch_is_refused_before_any_weights_load():
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_sharded_two_rank_cli_holds_half_the_layers_and_finds_the_one_process_architecture(
+    launcher, one_process, tmp_path
+):
+    done = _run([*LAUNCHERS[launcher](), *PRUNE, "-o", "out", "--shard"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert done.stdout.count("saved to") == 1
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["search"]["processes"] == 2 and report["search"]["sharded"]
+    assert report["architecture"] == one_process["architecture"]
+    assert report["params"] == one_process["params"]
+    # each rank held half of every decoder layer and the whole embedding (tied head) and final norm
+    before = report["params"]["before"]
+    replicated = before - report["params"]["non_embedding_before"] + 64  # embedding + final norm (hidden 64)
+    assert report["search"]["rank_weight_bytes"] == 4 * (replicated + (before - replicated) // 2)
+
+
+def _uneven_model(folder: Path) -> Path:
+    """A random Llama whose every sharded dimension is odd (uneven FSDP shards), stories tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=48,
+        intermediate_size=87,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        num_hidden_layers=3,
+        vocab_size=512,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder / "uneven")
+    AutoTokenizer.from_pretrained(STORIES).save_pretrained(folder / "uneven")
+    return folder / "uneven"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["structure", "joint"])
+def test_sharded_search_equals_the_data_parallel_one_on_uneven_shards(mode, tmp_path):
+    require_shared()
+    model = _uneven_model(tmp_path)
+    command = [*LAUNCHERS["torchrun"](), "prune", str(model), *PRUNE[2:], "--mode", mode]
+    sharded = _run([*command, "-o", "sharded", "--shard"], tmp_path)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    plain = _run([*command, "-o", "plain"], tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("sharded", "plain")]
+    assert reports[0]["search"]["sharded"] and not reports[1]["search"]["sharded"]
+    assert reports[0]["architecture"] == reports[1]["architecture"]
+    assert reports[0]["search"]["history"] == reports[1]["search"]["history"]
+    a, b = _weights(tmp_path / "sharded"), _weights(tmp_path / "plain")
+    assert sorted(a) == sorted(b)
+    for key in a:  # frozen weights are sliced exactly; joint-trained ones equal DDP's
+        assert (a[key] == b[key]).all(), key
+
+
+def test_shard_needs_several_processes_and_refuses_a_joint_resume(tmp_path):
+    require_shared()
+    alone = _run([sys.executable, "-m", "dms_llm", *PRUNE, "-o", "out", "--shard"], tmp_path)
+    assert alone.returncode == 2 and "launch with torchrun or accelerate launch" in alone.stderr
+    resumed = _run([*LAUNCHERS["torchrun"](), *PRUNE, "-o", "out", "--shard", "--mode", "joint", "--resume"], tmp_path)
+    assert resumed.returncode != 0
+    # the rank's one line (torchrun adds its own report of the failed child)
+    assert "dms-llm: error: a sharded joint search keeps no resumable state" in resumed.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_fsdp_launch_for_a_whole_model_is_refused():
     # accelerate only reports FSDP on GPUs, so a stand-in accelerator plays the launched rank
     from accelerate import DistributedType
 
@@ -93,5 +168,6 @@ def test_an_fsdp_launch_is_refused_before_any_weights_load():
     class FsdpRank:
         distributed_type = DistributedType.FSDP
 
-    with pytest.raises(DMSError, match="FSDP-sharded searches are not supported yet"):
+    with pytest.raises(DMSError, match="load it with dms_llm.load_sharded"):
         check_distributed(FsdpRank())
+    check_distributed(FsdpRank(), sharded=True)  # a sharded model is what FSDP asks for
