@@ -128,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--license", help="licence for the card (default: the base model's)")
     push.set_defaults(func=cmd_push)
 
+    export = verbs.add_parser("export", help="write a checkpoint (either layout) as GGUF for llama.cpp")
+    export.add_argument("model", help="model folder: dense, or pruned by dms-llm (uniform or per-layer)")
+    export.add_argument("--format", default="gguf", choices=["gguf"], help="output format (gguf)")
+    export.add_argument("--outtype", default="f16", help="f32, f16, bf16 or q8_0 (default f16)")
+    export.add_argument("--output", "-o", help="the .gguf file (default: MODEL/NAME-OUTTYPE.gguf)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    export.set_defaults(func=cmd_export)
+
     recipes = verbs.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=cmd_recipes)
     return parser
@@ -392,6 +400,21 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     for name, path in available_recipes().items():
         header = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
         print(f"{name:14s} {recipe_model(name) or '':32s} {header}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .gguf_export import describe, export_gguf, fallback_tensors
+
+    out = export_gguf(args.model, args.output, args.outtype, args.overwrite)
+    info = describe(out)
+    widths = ", ".join(str(n) for n in info["feed_forward_length"])
+    print(f"wrote {out} ({info['architecture']}, {info['tensors']} tensors; MLP widths {widths})")
+    if fallback := fallback_tensors(args.model, args.outtype):
+        print(
+            f"note: {len(fallback)} tensors have rows that are not a multiple of 32 and are stored as f16 "
+            "(prune with --channel-multiple 32 to quantize them all)"
+        )
     return 0
 
 

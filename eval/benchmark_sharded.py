@@ -1,0 +1,141 @@
+"""Memory per rank of a multi-process prune: data-parallel ranks against sharded ones (``--shard``).
+
+    python eval/benchmark_sharded.py                      # Llama-3.2-1B shape (fp32), 2 CPU ranks
+    python eval/benchmark_sharded.py --ranks 8 --device cuda --model 8b   # on a GPU node
+
+Runs the real command line, ``torchrun --nproc_per_node N -m dms_llm prune MODEL ...``, once with
+data-parallel ranks and once with ``--shard``, on a random-weight checkpoint with a real config
+(written by ``eval/benchmark_scale.py`` into the same work folder if absent). Each run does a short
+search at the default per-step batch (8 blocks of 128 tokens over all ranks) with the first layer
+scoring, the layer guard, landing, slicing and saving, and reports:
+
+- wall time of the whole command;
+- the largest peak RSS of any one process (``RUSAGE_CHILDREN``: the launcher's children are the
+  ranks), which for the main rank includes gathering the whole model on its host at the end;
+- the weight bytes one rank held during the search (from the report) over the model's weights.
+
+Writes eval/results/sharded.{json,md} (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIB = ROOT.parent / "shared" / "data" / "text" / "tinystories" / "validation_a.txt"
+LABELS = {"1b": "Llama-3.2-1B (float32)", "7b": "Llama-2-7B (bfloat16)", "8b": "Llama-3-8B (bfloat16)"}
+GIB = 2**30
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def run_prune(folder: Path, out: Path, args, shard: bool) -> dict:
+    """One ``torchrun`` prune in a fresh process tree; its time, largest rank RSS and report."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    command = [
+        torchrun, "--standalone", "--nproc_per_node", str(args.ranks), "-m", "dms_llm", "prune", str(folder),
+        "--ratio", "0.2", "--calib", str(CALIB), "--quiet", "--no-eval", "--overwrite", "-o", str(out),
+        "--device", args.device, f"search.steps={args.steps}", f"search.batch_size={8 // args.ranks}",
+        "search.save_every=0", *(["--shard"] if shard else []),
+    ]  # fmt: skip
+    # a wrapper process per run, so that RUSAGE_CHILDREN of this one run is read in a child of ours
+    probe = (
+        "import json, resource, subprocess, sys, time; start = time.perf_counter(); "
+        "code = subprocess.call(sys.argv[1:]); "
+        "print(json.dumps({'code': code, 'seconds': time.perf_counter() - start, "
+        "'max_rank_rss_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, env=env)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    if measured["code"] != 0:
+        raise SystemExit(f"prune failed ({'sharded' if shard else 'data-parallel'}):\n{done.stderr[-3000:]}")
+    report = json.loads((out / "report.json").read_text())
+    return {
+        "seconds": round(measured["seconds"], 1),
+        "max_rank_rss_gib": round(measured["max_rank_rss_kib"] * 1024 / GIB, 2),
+        "rank_weight_gib": round((report["search"]["rank_weight_bytes"] or weight_bytes(folder)) / GIB, 2),
+        "architecture": report["architecture"],
+        "params_after": report["params"]["after"],
+    }
+
+
+def machine(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="1b", choices=sorted(LABELS))
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dms-llm-scale")
+    parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "sharded")
+    args = parser.parse_args()
+    folder = args.work_dir / args.model
+    if not (folder / "config.json").exists():
+        make = [sys.executable, str(ROOT / "eval" / "benchmark_scale.py"), "--work-dir", str(args.work_dir)]
+        subprocess.run([*make, "--stage", f"make:{args.model}"], check=True)
+    weights = weight_bytes(folder)
+    runs = {}
+    for label, shard in (("data-parallel", False), ("sharded (--shard)", True)):
+        started = time.perf_counter()
+        runs[label] = run_prune(folder, args.work_dir / f"{args.model}-{'sharded' if shard else 'dp'}", args, shard)
+        print(f"{label}: {json.dumps({k: v for k, v in runs[label].items() if k != 'architecture'})}", flush=True)
+        print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+    same = runs["data-parallel"]["architecture"] == runs["sharded (--shard)"]["architecture"]
+    command = "python eval/benchmark_sharded.py " + " ".join(sys.argv[1:])
+    payload = {
+        "machine": machine(args.device),
+        "model": LABELS[args.model],
+        "weights_gib": round(weights / GIB, 2),
+        "ranks": args.ranks,
+        "steps": args.steps,
+        "same_architecture": same,
+        "runs": {k: {key: v for key, v in run.items() if key != "architecture"} for k, run in runs.items()},
+        "command": command.strip(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    lines = [
+        f"`dms-llm prune --ratio 0.2` under `torchrun --nproc_per_node {args.ranks}` on {payload['machine']}: "
+        f"{payload['model']}, random weights, {payload['weights_gib']} GiB; {args.steps} search steps of 8 x 128 "
+        "tokens over all ranks, first layer scoring, layer guard, landing, slicing and saving, no evaluation.",
+        "",
+        "| ranks | wall s | weights one rank holds (GiB) | held / weights | largest peak RSS of a rank (GiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, run in payload["runs"].items():
+        held = run["rank_weight_gib"] / payload["weights_gib"]
+        lines.append(
+            f"| {label} | {run['seconds']} | {run['rank_weight_gib']} | {held:.2f} | {run['max_rank_rss_gib']} |"
+        )
+    lines += [
+        "",
+        f"Same architecture from both: {same}. The main rank's peak includes gathering the whole model "
+        "on its host to slice and save it.",
+        "",
+        f"Command: `{payload['command']}`.",
+        "",
+    ]
+    args.out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
