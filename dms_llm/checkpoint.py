@@ -78,8 +78,11 @@ def empty_model(config) -> nn.Module:
 
     with init_empty_weights():
         if getattr(config, "dms_layer_shapes", None):
-            return PRUNED_CLASSES[config.model_type](config)
-        return AutoModelForCausalLM.from_config(config)
+            model = PRUNED_CLASSES[config.model_type](config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # a tied head is the embedding: counted once, as in the loaded model
+    return model
 
 
 def load_model(

@@ -145,15 +145,7 @@ def search(
     score_budget = ScoreBudget.for_search(counter, head_params, config, blocks.shape[1])
     result = SearchResult(masks.architecture(), counter.total, 0.0, processes=world)
     result.rank_weight_bytes = local_weight_bytes(model) if sharded else None
-    fingerprint = {  # a state only resumes the same run (how often it is saved may change)
-        "search": {k: v for k, v in asdict(config).items() if k != "save_every"},
-        "seed": seed,
-        "target": budget.target,
-        "blocks": list(blocks.shape),
-        "world": world,
-        "targets": list(masks.targets),
-        "uniform": masks.uniform,
-    }
+    fingerprint = search_fingerprint(model, masks, counter, budget, blocks, config, seed)
     start_step = 0
     if resume and state_dir is not None and (state := load_state(state_dir)) is not None:
         tensors, meta = state
@@ -249,6 +241,36 @@ def search(
     model.requires_grad_(False)
     model.eval()
     return result
+
+
+def search_fingerprint(model, masks: MaskSet, counter, budget: Budget, blocks, config: SearchConfig, seed: int) -> dict:
+    """Everything that shapes a search, so that a saved state only resumes the same run.
+
+    The model by its shapes and a checksum of its embedding's first rows, the calibration blocks
+    by a checksum of their tokens, the budget, targets, layout, seed and search settings (how often
+    the state is saved may change). Not the number of processes: a run may resume on another.
+    """
+    import hashlib
+
+    embedding = model.get_input_embeddings().weight.detach()[:8].float().cpu().contiguous()
+    geometry = masks.geometry
+    return {
+        "search": {k: v for k, v in asdict(config).items() if k != "save_every"},
+        "seed": seed,
+        "target": budget.target,
+        "model": {
+            "params": counter.total,
+            "units": list(geometry.units),
+            "channels": list(geometry.channels),
+            "embedding": hashlib.sha256(embedding.numpy().tobytes()).hexdigest()[:16],
+        },
+        "calibration": {
+            "blocks": list(blocks.shape),
+            "tokens": hashlib.sha256(blocks.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16],
+        },
+        "targets": list(masks.targets),
+        "uniform": masks.uniform,
+    }
 
 
 def _settle_structure(model, masks: MaskSet, counter, budget, score_blocks) -> list[dict]:

@@ -210,3 +210,20 @@ def test_later_stages_inputs_are_checked_before_the_search(tmp_path, extra, mess
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
     assert "loading" not in result.stdout  # refused before the weights were read
     assert not out.exists()
+
+
+def test_the_size_checked_before_loading_counts_a_tied_head_once():
+    # the budget is checked on an empty (meta) model; an untied head there made stories260K 292,800
+    # parameters and refused ratios up to 0.86 that the API reaches
+    require_shared()
+    import transformers
+
+    from dms_llm.adapters import get_adapter
+    from dms_llm.budget import ParamCounter, resolve_budget
+    from dms_llm.checkpoint import empty_model, load_config
+
+    config = load_config(str(STORIES))
+    counted = ParamCounter.from_model(empty_model(config), get_adapter(config))
+    real = transformers.AutoModelForCausalLM.from_pretrained(STORIES)
+    assert counted.total == sum(p.numel() for p in real.parameters()) == 260_032
+    resolve_budget(counted, 0.8, None, ["heads", "channels", "layers"])  # reachable, so not refused

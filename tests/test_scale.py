@@ -165,3 +165,19 @@ def test_joint_mode_trains_weights_and_keeps_the_invariants(calib):
     with torch.no_grad():
         sliced = model(tokens).logits
     torch.testing.assert_close(sliced, masked, atol=max(1e-5, 1.5e-6 * masked.abs().max().item()), rtol=0)
+
+
+def test_resume_refuses_a_state_made_on_other_calibration_text_or_another_model(calib, tmp_path):
+    config = SearchConfig(steps=10, batch_size=4, save_every=10, layer_score_every=10, score_blocks=8)
+    fresh_run(calib, config, state_dir=tmp_path / "state")
+    other_text = type(calib)(**{**calib.__dict__, "calib": calib.calib.flip(0).roll(1, dims=1)})
+    with pytest.raises(DMSError, match=r"different settings \(calibration\)"):
+        fresh_run(other_text, config, state_dir=tmp_path / "state", resume=True)
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1.01)  # same shapes, other weights
+    masks = MaskSet(model)
+    counter = ParamCounter.from_model(model, masks.adapter)
+    with pytest.raises(DMSError, match=r"different settings \(model\)"):
+        search(model, masks, counter, resolve_budget(counter, ratio=0.3), calib.calib, config, seed=0,
+               progress=False, state_dir=tmp_path / "state", resume=True)  # fmt: skip

@@ -1,0 +1,175 @@
+"""Run exported checkpoints in llama.cpp itself and compare its perplexity with transformers'.
+
+Build llama.cpp's tools from the sources the ``llama-cpp-python`` sdist vendors (2 cores: ~15 min):
+
+    pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/llamacpp
+    tar xzf /tmp/llamacpp/llama_cpp_python-*.tar.gz -C /tmp/llamacpp
+    cmake -S /tmp/llamacpp/llama_cpp_python-*/vendor/llama.cpp -B /tmp/llamacpp/build -DCMAKE_BUILD_TYPE=Release \\
+          -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=OFF
+    cmake --build /tmp/llamacpp/build -j 2 --target llama-perplexity llama-quantize
+
+then:
+
+    python eval/gguf_llamacpp.py --bin /tmp/llamacpp/build/bin
+
+It prunes stories260K per-layer and uniform (and per-layer with ``--channel-multiple`` where this
+dms-llm has it), exports dense and pruned folders with ``dms-llm export``, and scores each with
+``llama-perplexity`` and with transformers on the same text under the same protocol: 256-token
+chunks, the first token of each replaced by BOS, the last 127 predictions of each chunk scored
+(llama-perplexity's own protocol). q8_0 exports and ``llama-quantize`` Q4_K_M files are run too.
+Writes eval/results/gguf.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+STORIES = SHARED / "models" / "stories260K"
+CALIB = SHARED / "text" / "tinystories" / "validation_a.txt"
+CHUNK = 256
+
+
+def eval_text(work: Path, chars: int = 60_000) -> Path:
+    """The held-out tail of the TinyStories file (the calibration uses its head)."""
+    text = CALIB.read_text()
+    path = work / "heldout.txt"
+    path.write_text(text[-chars:])
+    return path
+
+
+def transformers_ppl(folder: Path, text_file: Path, chunks: int) -> float:
+    """Perplexity under llama-perplexity's protocol, computed with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = tokenizer(text_file.read_text(), return_tensors="pt").input_ids[0]
+    if ids[0] != tokenizer.bos_token_id:
+        ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), ids])
+    count = min(chunks, ids.numel() // CHUNK)
+    nll, scored = 0.0, 0
+    with torch.no_grad():
+        for index in range(count):
+            chunk = ids[index * CHUNK : (index + 1) * CHUNK].clone()
+            chunk[0] = tokenizer.bos_token_id
+            logits = model(chunk[None]).logits[0].float()
+            first = CHUNK // 2
+            logp = torch.log_softmax(logits[first : CHUNK - 1], dim=-1)
+            nll -= logp.gather(1, chunk[first + 1 :, None]).sum().item()
+            scored += CHUNK - 1 - first
+    return math.exp(nll / scored)
+
+
+def llamacpp_ppl(binary: Path, gguf_file: Path, text_file: Path, chunks: int) -> float:
+    done = subprocess.run(
+        [str(binary), "-m", str(gguf_file), "-f", str(text_file), "-c", str(CHUNK), "-b", str(CHUNK),
+         "--chunks", str(chunks), "-t", str(os.cpu_count() or 1)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"llama-perplexity failed on {gguf_file}:\n{(done.stdout + done.stderr)[-2000:]}")
+    return float(found.group(1))
+
+
+def quantize(binary: Path, source: Path, target: Path, kind: str) -> dict:
+    """``llama-quantize`` SOURCE TARGET KIND; which tensors fell back to another type."""
+    done = subprocess.run([str(binary), str(source), str(target), kind], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama-quantize failed on {source}:\n{(done.stdout + done.stderr)[-2000:]}")
+    fallbacks = re.findall(r"(\S+\.weight).*?fall(?:ing)? ?back", done.stdout + done.stderr, flags=re.IGNORECASE)
+    return {"fallback_tensors": sorted(set(fallbacks)), "log_tail": (done.stdout + done.stderr)[-300:]}
+
+
+def compare(folder: Path, perplexity: Path, gguf_file: Path, outtype: str, chunks: int = 40) -> dict:
+    """Export ``folder`` and score it in llama.cpp and in transformers on the held-out text."""
+    from dms_llm.gguf_export import describe, export_gguf
+
+    export_gguf(folder, gguf_file, outtype, overwrite=True)
+    text = eval_text(gguf_file.parent)
+    return {
+        "model": folder.name,
+        "outtype": outtype,
+        "architecture": describe(gguf_file)["architecture"],
+        "llamacpp": llamacpp_ppl(perplexity, gguf_file, text, chunks),
+        "transformers": transformers_ppl(folder, text, chunks),
+    }
+
+
+def prune(out: Path, *extra: str) -> Path:
+    if not (out / "model.safetensors").exists():
+        subprocess.run(
+            [sys.executable, "-m", "dms_llm", "prune", str(STORIES), "--ratio", "0.3", "--calib", str(CALIB),
+             "--quiet", "--no-eval", "-o", str(out), "--overwrite", *extra],
+            check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bin", type=Path, required=True, help="folder with llama-perplexity and llama-quantize")
+    parser.add_argument("--work-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dms-llm-gguf")
+    parser.add_argument("--chunks", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "gguf")
+    args = parser.parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    perplexity, quantizer = args.bin / "llama-perplexity", args.bin / "llama-quantize"
+    folders = {
+        "stories260K dense": STORIES,
+        "per-layer, ratio 0.3": prune(args.work_dir / "per_layer"),
+        "uniform, ratio 0.3": prune(args.work_dir / "uniform", "--layout", "uniform"),
+    }
+    rows = []
+    for label, folder in folders.items():
+        for outtype in ("f32", "q8_0"):
+            row = compare(folder, perplexity, args.work_dir / f"{folder.name}-{outtype}.gguf", outtype, args.chunks)
+            row["label"] = label
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        source = args.work_dir / f"{folder.name}-f32.gguf"
+        target = args.work_dir / f"{folder.name}-Q4_K_M.gguf"
+        row = {"label": label, "outtype": "Q4_K_M (llama-quantize)", **quantize(quantizer, source, target, "Q4_K_M")}
+        row["llamacpp"] = llamacpp_ppl(perplexity, target, eval_text(args.work_dir), args.chunks)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
+    write(rows, args)
+
+
+def write(rows: list[dict], args) -> None:
+    command = "python eval/gguf_llamacpp.py " + " ".join(sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    lines = [
+        "stories260K exported with `dms-llm export` and run in llama.cpp (built from the llama-cpp-python sdist's "
+        f"vendored tree), against transformers on the same text: {args.chunks} chunks of {CHUNK} tokens of "
+        "the TinyStories held-out tail, BOS first, the last 127 predictions of each scored.",
+        "",
+        "| model | GGUF | arch | llama.cpp ppl | transformers ppl | difference | tensors llama-quantize fell back on |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        reference = row.get("transformers")
+        diff = f"{100 * (row['llamacpp'] / reference - 1):+.2f}%" if reference else "-"
+        fallback = ", ".join(row.get("fallback_tensors", [])) or ("none" if "fallback_tensors" in row else "-")
+        lines.append(
+            f"| {row['label']} | {row['outtype']} | {row.get('architecture', '-')} | {row['llamacpp']:.3f} | "
+            f"{reference if reference is None else f'{reference:.3f}'} | {diff} | {fallback} |"
+        )
+    lines += ["", f"Command: `{command}`.", ""]
+    args.out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
