@@ -80,6 +80,15 @@ class ParamCounter:
             embedding += output.weight.numel()
         return cls(total, embedding, outside, tuple(layers))
 
+    def grouped_channels(self, multiple: int) -> ParamCounter:
+        """The same accounting with MLP channels counted in groups of ``multiple`` (whole groups only)."""
+        from dataclasses import replace
+
+        layers = tuple(
+            replace(c, channel_cost=c.channel_cost * multiple, channels=c.channels // multiple) for c in self.layers
+        )
+        return replace(self, layers=layers)
+
     @property
     def non_embedding(self) -> int:
         return self.total - self.embedding

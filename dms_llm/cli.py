@@ -33,6 +33,7 @@ PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--budget-weight": ("search.budget_weight", float, "weight w of the budget penalty"),
     "--targets": ("targets", str, "what to prune: a subset of heads,channels,layers"),
     "--layout": ("layout", str, "per_layer (default) or uniform (stock config, loads anywhere)"),
+    "--channel-multiple": ("channel_multiple", int, "kept MLP widths in multiples of M (32: q8_0, 256: k-quants)"),
     "--seed": ("seed", int, "random seed"),
     "--mode": ("search.mode", str, "structure (weights frozen, default) or joint (weights train too)"),
     "--grad-accum": ("search.grad_accum", int, "micro-batches per step and process"),

@@ -160,6 +160,7 @@ class PruneConfig:
     params: str | None = None
     targets: list[str] = field(default_factory=lambda: ["heads", "channels", "layers"])
     layout: str = "per_layer"
+    channel_multiple: int = 1  # every kept MLP width a multiple of this (32: q8_0, 256: k-quants)
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
@@ -187,6 +188,11 @@ class PruneConfig:
             f"unknown prune target(s) {bad or self.targets}; use a subset of heads,channels,layers",
         )
         _check(self.layout in ("per_layer", "uniform"), f"--layout must be per_layer or uniform, got {self.layout!r}")
+        _check(
+            isinstance(self.channel_multiple, int) and self.channel_multiple >= 1,
+            "--channel-multiple must be a whole number >= 1 (32 for q8_0, 256 for k-quants), "
+            f"got {self.channel_multiple!r}",
+        )
         _check(
             self.dtype in ("auto", "float32", "bfloat16", "float16"),
             f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}",

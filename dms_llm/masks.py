@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .adapters import FamilyAdapter, get_adapter
 from .architecture import Architecture
+from .channel_groups import ChannelGroups
 from .errors import DMSError
 from .topk import MaskMode, hard_mask, keep_count, soft_mask, straight_through_count
 
@@ -45,6 +46,7 @@ class MaskSet:
         uniform: bool = False,
         temperatures: dict[str, float] | None = None,
         adapter: FamilyAdapter | None = None,
+        channel_multiple: int = 1,
     ) -> None:
         unknown = set(targets) - set(TARGETS)
         if unknown or not targets:
@@ -60,7 +62,10 @@ class MaskSet:
         self.mode: MaskMode = "straight_through"
         device = next(model.parameters()).device
         num_layers = self.geometry.num_layers
-        sizes = {"heads": self.geometry.units, "channels": self.geometry.channels, "layers": [num_layers]}
+        # the channel mask elements are groups of ``channel_multiple`` channels (see channel_groups)
+        self.channel_groups = ChannelGroups.from_model(model, self.adapter, channel_multiple)
+        self.channel_multiple = channel_multiple
+        sizes = {"heads": self.geometry.units, "channels": self.channel_groups.counts, "layers": [num_layers]}
         self.keep_ratios: dict[str, nn.Parameter] = {}
         self.importance: dict[str, list[Tensor]] = {}
         for kind in self.targets:
@@ -107,6 +112,8 @@ class MaskSet:
             scale = self.active[kind][index].to(device=x.device, dtype=x.dtype)
             if width > 1:
                 scale = scale.repeat_interleave(width)
+            elif kind == "channels" and self.channel_multiple > 1:
+                scale = self.channel_groups.expand(index, scale)
             return (x * scale, *args[1:])
 
         return hook
@@ -177,7 +184,8 @@ class MaskSet:
             else:
                 pairs = [self._group_mask(kind, i) for i in range(self.geometry.num_layers)]
                 masks = [m for m, _ in pairs]
-                self._counts[kind] = torch.stack([c for _, c in pairs])
+                scale = self.channel_multiple if kind == "channels" else 1  # counts in channels, not groups
+                self._counts[kind] = torch.stack([c for _, c in pairs]) * scale
             for mask in masks:
                 if mask.requires_grad:
                     mask.retain_grad()
@@ -282,7 +290,11 @@ class MaskSet:
             num_layers=arch.num_layers,
             kept_layers=kept(masks["layers"][0]) if "layers" in masks else arch.kept_layers,
             kept_units=[kept(m) for m in masks["heads"]] if "heads" in masks else arch.kept_units,
-            kept_channels=[kept(m) for m in masks["channels"]] if "channels" in masks else arch.kept_channels,
+            kept_channels=(
+                [self.channel_groups.channels_of(i, kept(m)) for i, m in enumerate(masks["channels"])]
+                if "channels" in masks
+                else arch.kept_channels
+            ),
             original_units=arch.original_units,
             original_channels=arch.original_channels,
         )
@@ -301,7 +313,7 @@ class MaskSet:
         """
         tables: dict[str, list[Tensor]] = {}
         for kind in ("heads", "channels"):
-            sizes = self.geometry.units if kind == "heads" else self.geometry.channels
+            sizes = self.geometry.units if kind == "heads" else self.channel_groups.counts
             if kind not in self.keep_ratios:
                 tables[kind] = [torch.full((n,), float("inf"), dtype=torch.float64) for n in sizes]
                 continue
@@ -321,12 +333,15 @@ class MaskSet:
             if kind not in self.targets:
                 continue
             rows = []
+            per_element = self.channel_multiple if kind == "channels" else 1
             for layer, importance in enumerate(self.importance[kind]):
-                count = torch.tensor([counts[kind][layer]], device=importance.device)
+                wanted = counts[kind][layer] // per_element
+                count = torch.tensor([wanted], device=importance.device)
                 mask = hard_mask(importance.unsqueeze(0), count)[0]
-                if bool(mask.all()) and counts[kind][layer] < len(importance):  # uninformed group
+                if bool(mask.all()) and wanted < len(importance):  # uninformed group
                     mask = (torch.arange(len(importance), device=importance.device) < count).float()
-                rows.append(torch.nonzero(mask > 0.5).flatten().tolist())
+                chosen = torch.nonzero(mask > 0.5).flatten().tolist()
+                rows.append(self.channel_groups.channels_of(layer, chosen) if kind == "channels" else chosen)
             kept[kind] = rows
         return Architecture(
             num_layers=base.num_layers,
@@ -345,7 +360,8 @@ class MaskSet:
                     continue
                 sizes = [len(imp) for imp in self.importance[kind]]
                 ratios = self.keep_ratios[kind]
-                values = [counts[kind][i] / sizes[i] for i in range(len(sizes))]
+                per_element = self.channel_multiple if kind == "channels" else 1
+                values = [counts[kind][i] // per_element / sizes[i] for i in range(len(sizes))]
                 ratios.copy_(torch.tensor(values[: ratios.numel()], device=ratios.device))
 
     def freeze(self, kind: str, arch: Architecture | None = None) -> None:
@@ -360,6 +376,8 @@ class MaskSet:
             self.frozen[kind] = [mask]
             return
         kept = arch.kept_units if kind == "heads" else arch.kept_channels
+        if kind == "channels" and self.channel_multiple > 1:
+            kept = [self.channel_groups.groups_of(i, keep) for i, keep in enumerate(kept)]
         masks = []
         for index, keep in enumerate(kept):
             mask = torch.zeros(len(self.importance[kind][index]), device=device)

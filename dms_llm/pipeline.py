@@ -42,6 +42,7 @@ def masks_for(model: nn.Module, config: PruneConfig, adapter=None) -> MaskSet:
             "layers": config.search.temperature_layers,
         },
         adapter=adapter,
+        channel_multiple=config.channel_multiple,
     )
 
 

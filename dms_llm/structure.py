@@ -44,17 +44,29 @@ def land(masks: MaskSet, counter: ParamCounter, budget: Budget, arch: Architectu
     it does not forbid the final landing from adding or removing a unit.
     """
     adjustable = [k for k in ("channels", "heads") if k in masks.targets]
-    counts = fit_counts(
+    counts = fit_grouped(
+        masks,
         counter,
         budget,
         arch.kept_layers,
         masks.counts(arch),
-        masks.wants(),
         adjustable,
         uniform=masks.uniform,
         allowed_units=masks.allowed_units,
     )
     return None if counts is None else masks.architecture_for(arch.kept_layers, counts)
+
+
+def fit_grouped(masks: MaskSet, counter: ParamCounter, budget: Budget, kept_layers, counts, adjustable, **options):
+    """``fit_counts`` in the masks' own units: with ``channel_multiple = M`` a channel move is a
+    group of M channels costing M channels (counts go in and come out in channels)."""
+    multiple = masks.channel_multiple
+    if multiple == 1:
+        return fit_counts(counter, budget, kept_layers, counts, masks.wants(), adjustable, **options)
+    grouped = counter.grouped_channels(multiple)
+    in_groups = {**counts, "channels": [c // multiple for c in counts["channels"]]}
+    fitted = fit_counts(grouped, budget, kept_layers, in_groups, masks.wants(), adjustable, **options)
+    return None if fitted is None else {**fitted, "channels": [g * multiple for g in fitted["channels"]]}
 
 
 def snap_uniform_heads(
@@ -83,15 +95,8 @@ def snap_uniform_heads(
             continue
         counts = masks.counts(arch)
         counts["heads"] = [value] * len(counts["heads"])
-        fitted = fit_counts(
-            counter,
-            budget,
-            arch.kept_layers,
-            counts,
-            masks.wants(),
-            [k for k in ("channels",) if k in masks.targets],
-            uniform=True,
-        )
+        adjustable = [k for k in ("channels",) if k in masks.targets]
+        fitted = fit_grouped(masks, counter, budget, arch.kept_layers, counts, adjustable, uniform=True)
         if fitted is None:
             continue
         candidate = masks.architecture_for(arch.kept_layers, fitted)

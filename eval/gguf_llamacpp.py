@@ -12,11 +12,12 @@ then:
 
     python eval/gguf_llamacpp.py --bin /tmp/llamacpp/build/bin
 
-It prunes stories260K per-layer and uniform (and per-layer with ``--channel-multiple`` where this
-dms-llm has it), exports dense and pruned folders with ``dms-llm export``, and scores each with
+It prunes stories260K (ratio 0.3, default search) per layer with ``--channel-multiple`` 1, 8 and
+32 and uniform, exports dense and pruned folders with ``dms-llm export``, and scores each with
 ``llama-perplexity`` and with transformers on the same text under the same protocol: 256-token
 chunks, the first token of each replaced by BOS, the last 127 predictions of each chunk scored
-(llama-perplexity's own protocol). q8_0 exports and ``llama-quantize`` Q4_K_M files are run too.
+(llama-perplexity's own protocol). q8_0 exports and ``llama-quantize`` Q4_K_M files are run too,
+and the held-out perplexity each prune reports gives the quality cost of alignment.
 Writes eval/results/gguf.{md,json}.
 """
 
@@ -110,10 +111,29 @@ def prune(out: Path, *extra: str) -> Path:
     if not (out / "model.safetensors").exists():
         subprocess.run(
             [sys.executable, "-m", "dms_llm", "prune", str(STORIES), "--ratio", "0.3", "--calib", str(CALIB),
-             "--quiet", "--no-eval", "-o", str(out), "--overwrite", *extra],
-            check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+             "--quiet", "-o", str(out), "--overwrite", *extra],
+            check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
         )  # fmt: skip
     return out
+
+
+def alignment_cost(folders: dict[str, Path]) -> list[dict]:
+    """Held-out perplexity (from each prune's report) of the per-layer prunes by channel multiple."""
+    rows = []
+    for label, folder in folders.items():
+        if not (folder / "report.json").is_file():
+            continue
+        report = json.loads((folder / "report.json").read_text())
+        shapes = json.loads((folder / "config.json").read_text()).get("dms_layer_shapes") or []
+        rows.append({
+            "label": label,
+            "channel_multiple": report["settings"].get("channel_multiple", 1),
+            "params": report["params"]["after"],
+            "mlp_widths": [s["intermediate_size"] for s in shapes],
+            "heldout_ppl": report["perplexity"]["pruned"],
+            "dense_ppl": report["perplexity"]["dense"],
+        })  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -128,6 +148,8 @@ def main() -> None:
     folders = {
         "stories260K dense": STORIES,
         "per-layer, ratio 0.3": prune(args.work_dir / "per_layer"),
+        "per-layer, ratio 0.3, M=8": prune(args.work_dir / "per_layer_m8", "--channel-multiple", "8"),
+        "per-layer, ratio 0.3, M=32": prune(args.work_dir / "per_layer_m32", "--channel-multiple", "32"),
         "uniform, ratio 0.3": prune(args.work_dir / "uniform", "--layout", "uniform"),
     }
     rows = []
@@ -143,13 +165,14 @@ def main() -> None:
         row["llamacpp"] = llamacpp_ppl(perplexity, target, eval_text(args.work_dir), args.chunks)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
-    write(rows, args)
+    write(rows, alignment_cost({k: v for k, v in folders.items() if "per-layer" in k}), args)
 
 
-def write(rows: list[dict], args) -> None:
+def write(rows: list[dict], alignment: list[dict], args) -> None:
     command = "python eval/gguf_llamacpp.py " + " ".join(sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    payload = {"command": command, "rows": rows, "alignment": alignment}
+    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
         "stories260K exported with `dms-llm export` and run in llama.cpp (built from the llama-cpp-python sdist's "
         f"vendored tree), against transformers on the same text: {args.chunks} chunks of {CHUNK} tokens of "
@@ -166,6 +189,17 @@ def write(rows: list[dict], args) -> None:
             f"| {row['label']} | {row['outtype']} | {row.get('architecture', '-')} | {row['llamacpp']:.3f} | "
             f"{reference if reference is None else f'{reference:.3f}'} | {diff} | {fallback} |"
         )
+    lines += [
+        "",
+        "Quality cost of aligned MLP widths (`--channel-multiple M`, stories260K per layer, ratio 0.3, seed 0; "
+        "held-out perplexity of the TinyStories tail at 128-token windows, from each prune's report):",
+        "",
+        f"| M | parameters | MLP widths | held-out ppl (dense {alignment[0]['dense_ppl']:.3f}) |" if alignment else "",
+        "|---|---|---|---|",
+    ]
+    for row in alignment:
+        widths = ", ".join(str(w) for w in row["mlp_widths"])
+        lines.append(f"| {row['channel_multiple']} | {row['params']:,} | {widths} | {row['heldout_ppl']:.3f} |")
     lines += ["", f"Command: `{command}`.", ""]
     args.out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
