@@ -222,6 +222,7 @@ def _add_hyperparameters(writer, plan: ExportPlan, name: str, outtype: str) -> N
     def per_layer(values: list[int]):
         return values if plan.per_layer else values[0]
 
+    writer.add_type("model")
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)

@@ -147,3 +147,44 @@ def test_llama_cpp_perplexity_matches_transformers(pruned, tmp_path):
     for folder in pruned.values():
         row = compare(folder, Path(os.environ["LLAMA_PERPLEXITY"]), tmp_path / f"{folder.name}.gguf", "f32")
         assert abs(row["llamacpp"] / row["transformers"] - 1) < 0.005, row
+
+
+def _fields(path: Path) -> dict:
+    reader = gguf.GGUFReader(str(path))
+    values = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.size_label", "general.name"):
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            strings = field.types[-1] == gguf.GGUFValueType.STRING
+            values[key] = [bytes(field.parts[i]).decode() if strings else field.parts[i].tolist() for i in field.data]
+        else:
+            part = field.parts[-1]
+            values[key] = bytes(part).decode() if field.types[0] == gguf.GGUFValueType.STRING else part.tolist()
+    return values
+
+
+@pytest.mark.skipif(
+    not os.environ.get("LLAMA_CPP_CONVERTER"), reason="set LLAMA_CPP_CONVERTER to llama.cpp's convert_hf_to_gguf.py"
+)
+def test_llama_cpp_converter_reads_the_base_vocabulary_and_agrees_with_export(pruned, tmp_path):
+    import sys
+
+    def convert(folder: Path, out: Path) -> Path:
+        command = [sys.executable, os.environ["LLAMA_CPP_CONVERTER"], str(folder), "--outfile", str(out)]
+        done = subprocess.run([*command, "--outtype", "f32"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return out
+
+    base = _fields(convert(STORIES, tmp_path / "base.gguf"))
+    theirs = convert(pruned["uniform"], tmp_path / "uniform.gguf")
+    converted = _fields(theirs)
+    vocabulary = [k for k in base if k.startswith("tokenizer.")]
+    # the converter builds the base model's vocabulary from the pruned folder
+    assert vocabulary and all(converted[k] == base[k] for k in vocabulary)
+    ours = export_gguf(pruned["uniform"], tmp_path / "ours.gguf", "f32")
+    assert _fields(ours) == converted  # every key llama.cpp's own converter writes, with the same values
+    mine, reference = _tensors(ours), _tensors(theirs)
+    assert sorted(mine) == sorted(reference)
+    for name, tensor in reference.items():
+        assert np.array_equal(np.array(mine[name].data), np.array(tensor.data)), name
