@@ -33,6 +33,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gguf_models  # noqa: E402  (beside this script)
+
 SHARED = ROOT.parent / "shared" / "data"
 STORIES = SHARED / "models" / "stories260K"
 CALIB = SHARED / "text" / "tinystories" / "validation_a.txt"
@@ -47,22 +50,23 @@ def eval_text(work: Path, chars: int = 60_000) -> Path:
     return path
 
 
-def transformers_ppl(folder: Path, text_file: Path, chunks: int) -> float:
+def transformers_ppl(folder: Path, text_file: Path, chunks: int, add_bos: bool) -> float:
     """Perplexity under llama-perplexity's protocol, computed with transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-    ids = tokenizer(text_file.read_text(), return_tensors="pt").input_ids[0]
-    if ids[0] != tokenizer.bos_token_id:
+    ids = tokenizer(text_file.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if add_bos:
         ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), ids])
     count = min(chunks, ids.numel() // CHUNK)
     nll, scored = 0.0, 0
     with torch.no_grad():
         for index in range(count):
             chunk = ids[index * CHUNK : (index + 1) * CHUNK].clone()
-            chunk[0] = tokenizer.bos_token_id
+            if add_bos:  # llama-perplexity puts BOS first in every chunk
+                chunk[0] = tokenizer.bos_token_id
             logits = model(chunk[None]).logits[0].float()
             first = CHUNK // 2
             logp = torch.log_softmax(logits[first : CHUNK - 1], dim=-1)
@@ -89,28 +93,33 @@ def quantize(binary: Path, source: Path, target: Path, kind: str) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"llama-quantize failed on {source}:\n{(done.stdout + done.stderr)[-2000:]}")
     fallbacks = re.findall(r"(\S+\.weight).*?fall(?:ing)? ?back", done.stdout + done.stderr, flags=re.IGNORECASE)
-    return {"fallback_tensors": sorted(set(fallbacks)), "log_tail": (done.stdout + done.stderr)[-300:]}
+    return {"fallback_tensors": sorted(set(fallbacks))}
 
 
 def compare(folder: Path, perplexity: Path, gguf_file: Path, outtype: str, chunks: int = 40) -> dict:
     """Export ``folder`` and score it in llama.cpp and in transformers on the held-out text."""
+    import gguf
+
     from dms_llm.gguf_export import describe, export_gguf
 
     export_gguf(folder, gguf_file, outtype, overwrite=True)
     text = eval_text(gguf_file.parent)
+    fields = gguf.GGUFReader(str(gguf_file)).fields
+    flag = fields.get("tokenizer.ggml.add_bos_token")
+    add_bos = bool(flag.parts[-1][0]) if flag else bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
     return {
         "model": folder.name,
         "outtype": outtype,
         "architecture": describe(gguf_file)["architecture"],
         "llamacpp": llamacpp_ppl(perplexity, gguf_file, text, chunks),
-        "transformers": transformers_ppl(folder, text, chunks),
+        "transformers": transformers_ppl(folder, text, chunks, add_bos),
     }
 
 
-def prune(out: Path, *extra: str) -> Path:
+def prune(out: Path, *extra: str, model: Path = STORIES) -> Path:
     if not (out / "model.safetensors").exists():
         subprocess.run(
-            [sys.executable, "-m", "dms_llm", "prune", str(STORIES), "--ratio", "0.3", "--calib", str(CALIB),
+            [sys.executable, "-m", "dms_llm", "prune", str(model), "--ratio", "0.3", "--calib", str(CALIB),
              "--quiet", "-o", str(out), "--overwrite", *extra],
             check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
         )  # fmt: skip
@@ -151,6 +160,17 @@ def main() -> None:
         "per-layer, ratio 0.3, M=8": prune(args.work_dir / "per_layer_m8", "--channel-multiple", "8"),
         "per-layer, ratio 0.3, M=32": prune(args.work_dir / "per_layer_m32", "--channel-multiple", "32"),
         "uniform, ratio 0.3": prune(args.work_dir / "uniform", "--layout", "uniform"),
+        "random hidden 512 / MLP 1536, per-layer, ratio 0.3, M=256": prune(
+            args.work_dir / "wide_m256", "--channel-multiple", "256", model=gguf_models.wide_llama(args.work_dir)
+        ),
+        "random Llama-3-style (GQA, llama3 rope, BPE) dense": gguf_models.llama3_style(args.work_dir),
+        "random Llama-3-style, per-layer, ratio 0.3": prune(
+            args.work_dir / "llama3_per_layer", model=gguf_models.llama3_style(args.work_dir)
+        ),
+        "random Qwen2 (q/k/v biases, BPE) dense": gguf_models.qwen2_style(args.work_dir),
+        "random Qwen2, uniform, ratio 0.3": prune(
+            args.work_dir / "qwen2_uniform", "--layout", "uniform", model=gguf_models.qwen2_style(args.work_dir)
+        ),
     }
     rows = []
     for label, folder in folders.items():
@@ -164,8 +184,8 @@ def main() -> None:
         row = {"label": label, "outtype": "Q4_K_M (llama-quantize)", **quantize(quantizer, source, target, "Q4_K_M")}
         row["llamacpp"] = llamacpp_ppl(perplexity, target, eval_text(args.work_dir), args.chunks)
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
-    write(rows, alignment_cost({k: v for k, v in folders.items() if "per-layer" in k}), args)
+        print(json.dumps(row), flush=True)
+    write(rows, alignment_cost({k: v for k, v in folders.items() if k.startswith("per-layer")}), args)
 
 
 def write(rows: list[dict], alignment: list[dict], args) -> None:
@@ -178,16 +198,20 @@ def write(rows: list[dict], alignment: list[dict], args) -> None:
         f"vendored tree), against transformers on the same text: {args.chunks} chunks of {CHUNK} tokens of "
         "the TinyStories held-out tail, BOS first, the last 127 predictions of each scored.",
         "",
-        "| model | GGUF | arch | llama.cpp ppl | transformers ppl | difference | tensors llama-quantize fell back on |",
+        "| model | GGUF | arch | llama.cpp ppl | transformers ppl | difference | tensors Q4_K_M could not hold (MLP) |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         reference = row.get("transformers")
         diff = f"{100 * (row['llamacpp'] / reference - 1):+.2f}%" if reference else "-"
-        fallback = ", ".join(row.get("fallback_tensors", [])) or ("none" if "fallback_tensors" in row else "-")
+        fallback = "-"
+        if "fallback_tensors" in row:
+            names = row["fallback_tensors"]
+            mlp = sum(1 for name in names if ".ffn_" in name)
+            fallback = f"{len(names)} ({mlp})"
         lines.append(
             f"| {row['label']} | {row['outtype']} | {row.get('architecture', '-')} | {row['llamacpp']:.3f} | "
-            f"{reference if reference is None else f'{reference:.3f}'} | {diff} | {fallback} |"
+            f"{'-' if reference is None else f'{reference:.3f}'} | {diff} | {fallback} |"
         )
     lines += [
         "",
