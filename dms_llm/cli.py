@@ -22,7 +22,11 @@ from .errors import DMSError
 PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--ratio": ("ratio", float, "fraction of the total parameter count to remove, e.g. 0.2"),
     "--params": ("params", str, "absolute target size instead of --ratio, e.g. 5.4B or 180000"),
-    "--calib": ("data.calib", str, "calibration text: wikitext2, c4, alpaca, or a .txt/.jsonl/.parquet file"),
+    "--calib": (
+        "data.calib",
+        str,
+        "calibration text: wikitext2 (the default, from the Hub), c4, alpaca, or a .txt/.jsonl/.parquet file",
+    ),
     "--calib-split": ("data.split", str, "split of a named calibration dataset (default train)"),
     "--text-field": ("data.text_field", str, "text field of .jsonl/.parquet rows (default text)"),
     "--num-blocks": ("data.num_blocks", int, "distinct calibration blocks"),
@@ -216,6 +220,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     # every rank uses its own device; a plain "cuda" would put all ranks on GPU 0
     device = str(accelerator.device) if config.device in ("auto", "cuda") else config.device
     state_dir = output_dir.with_name(f".{output_dir.name}.search-state")
+    if config.search.save_every:
+        args.interrupt_note = f"no model was written; the search state is kept in {state_dir}: add --resume to continue"
     console.print(f"loading {args.model} ...", markup=False, highlight=False)
     if config.device_map and accelerator.num_processes > 1:
         raise DMSError("--device-map shards one model in one process; do not combine it with accelerate launch")
@@ -435,5 +441,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dms-llm: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("dms-llm: interrupted; nothing was written", file=sys.stderr)
+        note = getattr(args, "interrupt_note", "nothing was written")
+        print(f"dms-llm: interrupted; {note}", file=sys.stderr)
         return 130

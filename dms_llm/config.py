@@ -187,6 +187,7 @@ class PruneConfig:
             bool(self.targets) and not bad,
             f"unknown prune target(s) {bad or self.targets}; use a subset of heads,channels,layers",
         )
+        self.layout = str(self.layout).replace("-", "_")  # per-layer and per_layer both mean the same
         _check(self.layout in ("per_layer", "uniform"), f"--layout must be per_layer or uniform, got {self.layout!r}")
         _check(
             isinstance(self.channel_multiple, int) and self.channel_multiple >= 1,

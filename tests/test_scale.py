@@ -181,3 +181,20 @@ def test_resume_refuses_a_state_made_on_other_calibration_text_or_another_model(
     with pytest.raises(DMSError, match=r"different settings \(model\)"):
         search(model, masks, counter, resolve_budget(counter, ratio=0.3), calib.calib, config, seed=0,
                progress=False, state_dir=tmp_path / "state", resume=True)  # fmt: skip
+
+
+def test_interrupt_says_the_search_state_is_kept_and_how_to_resume(tmp_path):
+    require_shared()
+    out, state = tmp_path / "out", tmp_path / ".out.search-state"
+    command = [sys.executable, "-m", "dms_llm", "prune", str(STORIES), "--ratio", "0.25", "--calib", str(TINYSTORIES),
+               "-o", str(out), "--quiet", "--no-eval", "search.steps=400", "search.save_every=10",
+               "data.num_blocks=64", "--layout", "per-layer"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 120
+    while not (state / "state.json").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "no model was written; the search state is kept" in stderr and "--resume" in stderr
+    assert (state / "state.json").exists() and not out.exists()
