@@ -1,9 +1,10 @@
 """Export a checkpoint (dense, uniform or per-layer pruned) to GGUF for llama.cpp.
 
-Uniform checkpoints become llama.cpp's ``llama`` architecture (``qwen2`` for Qwen2). Per-layer
-ones become ``deci``, the architecture of NVIDIA's Nemotron-NAS models, which reads
-``head_count``, ``head_count_kv`` and ``feed_forward_length`` as per-layer arrays: the layers keep
-the widths the search gave them and no other tool is needed to run them.
+Uniform checkpoints become llama.cpp's ``llama`` architecture. Per-layer ones become ``deci``,
+the architecture of NVIDIA's Nemotron-NAS models, which reads ``head_count``, ``head_count_kv``
+and ``feed_forward_length`` as per-layer arrays: the layers keep the widths the search gave them
+and no other tool is needed to run them. Qwen2 (Llama with q/k/v biases) goes the same way: both
+architectures load the biases, while llama.cpp's own ``qwen2`` assumes every query head is there.
 
 The tensors are streamed one at a time from the safetensors files into the file the ``gguf``
 package writes (header and tensor table first, then the data), so memory stays at one tensor.
@@ -42,7 +43,7 @@ class LayerShape:
 class ExportPlan:
     """What llama.cpp needs to know about a checkpoint, read from its config."""
 
-    arch: str  # "llama", "deci" or "qwen2"
+    arch: str  # "llama" or "deci"
     config: object
     layers: tuple[LayerShape, ...]
     head_dim: int
@@ -82,13 +83,8 @@ def plan_export(folder: Path) -> ExportPlan:
     uniform = len(set(layers)) == 1 and layers[0] == LayerShape(
         config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
     )
-    if family == "qwen2":
-        if not uniform:
-            raise DMSError(
-                "llama.cpp has no per-layer architecture with Qwen2's q/k/v biases; prune Qwen2 with --layout uniform "
-                "to export it"
-            )
-        return ExportPlan("qwen2", config, layers, head_dim, permute_qk=False)
+    # Qwen2 is Llama with q/k/v biases, which llama.cpp's llama and deci load too (its own qwen2
+    # architecture assumes all query heads, so it cannot hold pruned ones): the same export serves
     return ExportPlan("llama" if uniform else "deci", config, layers, head_dim, permute_qk=True)
 
 
@@ -143,7 +139,7 @@ def _loader(file: Path, key: str, plan: ExportPlan):
 
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             tensor = handle.get_tensor(key)
-        if plan.permute_qk and key.endswith(("q_proj.weight", "k_proj.weight")):
+        if plan.permute_qk and key.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             layer = plan.layers[int(key.split(".layers.")[1].split(".")[0])]
             tensor = permute_rows(tensor, layer.heads if "q_proj" in key else layer.kv_heads)
         return tensor

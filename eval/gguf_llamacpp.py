@@ -171,6 +171,9 @@ def main() -> None:
         "random Qwen2, uniform, ratio 0.3": prune(
             args.work_dir / "qwen2_uniform", "--layout", "uniform", model=gguf_models.qwen2_style(args.work_dir)
         ),
+        "random Qwen2, per-layer, ratio 0.3": prune(
+            args.work_dir / "qwen2_per_layer", model=gguf_models.qwen2_style(args.work_dir)
+        ),
     }
     rows = []
     for label, folder in folders.items():

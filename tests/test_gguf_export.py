@@ -188,3 +188,36 @@ def test_llama_cpp_converter_reads_the_base_vocabulary_and_agrees_with_export(pr
     assert sorted(mine) == sorted(reference)
     for name, tensor in reference.items():
         assert np.array_equal(np.array(mine[name].data), np.array(tensor.data)), name
+
+
+def test_per_layer_qwen2_keeps_its_biases_permuted_with_their_rows(tmp_path):
+    require_shared()
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from dms_llm.architecture import Architecture
+    from dms_llm.checkpoint import save_pruned
+    from dms_llm.slicing import slice_model
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=512, max_position_embeddings=256)  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, 0.5)
+    kept_units, kept_channels = [[0, 1, 2, 3], [1, 3], [2]], [list(range(96)), list(range(0, 96, 2)), [5, 9, 40]]
+    arch = Architecture(3, [0, 1, 2], kept_units, kept_channels, [4, 4, 4], [96, 96, 96])
+    slice_model(model, arch, "per_layer")
+    folder = save_pruned(model, AutoTokenizer.from_pretrained(STORIES), tmp_path / "qwen2")
+    out = export_gguf(folder, tmp_path / "qwen2.gguf", "f32")
+    info = describe(out)
+    assert info["architecture"] == "deci" and info["head_count_kv"] == [len(u) for u in arch.kept_units]
+    tensors, weights = _tensors(out), load_file(str(folder / "model.safetensors"))
+    for index, units in enumerate(kept_units):
+        for name, heads in (("q", 2 * len(units)), ("k", len(units))):
+            stored = torch.from_numpy(np.array(tensors[f"blk.{index}.attn_{name}.bias"].data))
+            original = weights[f"model.layers.{index}.self_attn.{name}_proj.bias"]
+            assert torch.equal(unpermute_rows(stored, heads), original)
+        v = torch.from_numpy(np.array(tensors[f"blk.{index}.attn_v.bias"].data))
+        assert torch.equal(v, weights[f"model.layers.{index}.self_attn.v_proj.bias"])  # v is not rotated
