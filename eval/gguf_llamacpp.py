@@ -197,9 +197,12 @@ def write(rows: list[dict], alignment: list[dict], args) -> None:
     payload = {"command": command, "rows": rows, "alignment": alignment}
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
-        "stories260K exported with `dms-llm export` and run in llama.cpp (built from the llama-cpp-python sdist's "
-        f"vendored tree), against transformers on the same text: {args.chunks} chunks of {CHUNK} tokens of "
-        "the TinyStories held-out tail, BOS first, the last 127 predictions of each scored.",
+        "Checkpoints exported with `dms-llm export` and run in llama.cpp (built from the llama-cpp-python sdist's "
+        f"vendored tree) against transformers on the same text: {args.chunks} chunks of {CHUNK} tokens of the "
+        "TinyStories held-out tail, BOS first where the tokenizer adds one, the last 127 predictions of each "
+        "scored. Random-weight models have a perplexity near their vocabulary size (512); they check the "
+        "numerics. Last column: tensors `llama-quantize` had to store in another type than Q4_K_M (of them "
+        "MLP tensors); a row needs whole 256-value blocks.",
         "",
         "| model | GGUF | arch | llama.cpp ppl | transformers ppl | difference | tensors Q4_K_M could not hold (MLP) |",
         "|---|---|---|---|---|---|---|",
