@@ -10,8 +10,8 @@ search at the default per-step batch (8 blocks of 128 tokens over all ranks) wit
 scoring, the layer guard, landing, slicing and saving, and reports:
 
 - wall time of the whole command;
-- the largest peak RSS of any one process (``RUSAGE_CHILDREN``: the launcher's children are the
-  ranks), which for the main rank includes gathering the whole model on its host at the end;
+- each rank's peak RSS, polled every 0.2 s: the main rank's includes gathering the whole model on
+  its host at the end (to slice and save it), the other ranks' is the search alone;
 - the weight bytes one rank held during the search (from the report) over the model's weights.
 
 Writes eval/results/sharded.{json,md} (or --out).
@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,26 +49,46 @@ def run_prune(folder: Path, out: Path, args, shard: bool) -> dict:
         "--device", args.device, f"search.steps={args.steps}", f"search.batch_size={8 // args.ranks}",
         "search.save_every=0", *(["--shard"] if shard else []),
     ]  # fmt: skip
-    # a wrapper process per run, so that RUSAGE_CHILDREN of this one run is read in a child of ours
-    probe = (
-        "import json, resource, subprocess, sys, time; start = time.perf_counter(); "
-        "code = subprocess.call(sys.argv[1:]); "
-        "print(json.dumps({'code': code, 'seconds': time.perf_counter() - start, "
-        "'max_rank_rss_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
-    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, env=env)
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
-    if measured["code"] != 0:
-        raise SystemExit(f"prune failed ({'sharded' if shard else 'data-parallel'}):\n{done.stderr[-3000:]}")
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the ranks
+        launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
+        peaks = poll_rank_peaks(launcher)
+        log.seek(0)
+        stderr = log.read()
+    seconds = time.perf_counter() - started
+    if launcher.returncode != 0:
+        raise SystemExit(f"prune failed ({'sharded' if shard else 'data-parallel'}):\n{stderr[-3000:]}")
     report = json.loads((out / "report.json").read_text())
     return {
-        "seconds": round(measured["seconds"], 1),
-        "max_rank_rss_gib": round(measured["max_rank_rss_kib"] * 1024 / GIB, 2),
+        "seconds": round(seconds, 1),
+        # the main rank also gathers the whole model on its host at the end; the others never do
+        "main_rank_peak_gib": round(max(peaks) / GIB, 2),
+        "other_rank_peak_gib": round(min(peaks) / GIB, 2),
         "rank_weight_gib": round((report["search"]["rank_weight_bytes"] or weight_bytes(folder)) / GIB, 2),
         "architecture": report["architecture"],
         "params_after": report["params"]["after"],
     }
+
+
+def poll_rank_peaks(launcher: subprocess.Popen, interval: float = 0.2) -> list[int]:
+    """Peak RSS of every rank the launcher started (its descendants running ``-m dms_llm``), until it exits."""
+    import psutil
+
+    peaks: dict[int, int] = {}
+    root = psutil.Process(launcher.pid)
+    while launcher.poll() is None:
+        try:
+            for child in root.children(recursive=True):
+                try:
+                    if "dms_llm" in child.cmdline():
+                        peaks[child.pid] = max(peaks.get(child.pid, 0), child.memory_info().rss)
+                except psutil.Error:
+                    continue
+        except psutil.Error:
+            pass
+        time.sleep(interval)
+    return sorted(peaks.values()) or [0]
 
 
 def machine(device: str) -> str:
@@ -117,18 +138,21 @@ def main() -> None:
         f"{payload['model']}, random weights, {payload['weights_gib']} GiB; {args.steps} search steps of 8 x 128 "
         "tokens over all ranks, first layer scoring, layer guard, landing, slicing and saving, no evaluation.",
         "",
-        "| ranks | wall s | weights one rank holds (GiB) | held / weights | largest peak RSS of a rank (GiB) |",
-        "|---|---|---|---|---|",
+        "| ranks | wall s | weights a rank holds (GiB) | held / weights | peak RSS, rank 1 (GiB) "
+        "| peak RSS, main rank (GiB) |",
+        "|---|---|---|---|---|---|",
     ]
     for label, run in payload["runs"].items():
         held = run["rank_weight_gib"] / payload["weights_gib"]
         lines.append(
-            f"| {label} | {run['seconds']} | {run['rank_weight_gib']} | {held:.2f} | {run['max_rank_rss_gib']} |"
+            f"| {label} | {run['seconds']} | {run['rank_weight_gib']} | {held:.2f} | {run['other_rank_peak_gib']} | "
+            f"{run['main_rank_peak_gib']} |"
         )
     lines += [
         "",
-        f"Same architecture from both: {same}. The main rank's peak includes gathering the whole model "
-        "on its host to slice and save it.",
+        f"Same architecture from both: {same}. Rank 1's peak is the search (its share of the weights, the "
+        "replicated embedding and head, activations); the main rank's adds the whole model gathered on its host "
+        "to slice and save.",
         "",
         f"Command: `{payload['command']}`.",
         "",
