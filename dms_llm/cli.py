@@ -1,6 +1,5 @@
-"""The ``dms-llm`` command line: ``prune`` and ``recipes``.
+"""The ``dms-llm`` command line: ``prune`` (in ``cli_prune``), ``eval``, ``recover``, ``push``, ``export``, ``recipes``.
 
-Settings come from (lowest to highest): defaults < ``--recipe`` < flags < ``key=value``.
 Bad input prints one ``dms-llm: error: ...`` line and exits with status 2.
 
 Example:
@@ -11,11 +10,10 @@ Example:
 from __future__ import annotations
 
 import argparse
-import shlex
-import shutil
 import sys
 from pathlib import Path
 
+from .cli_prune import _check_text_source, _prune_config, cmd_prune  # noqa: F401 (_prune_config: tests)
 from .errors import DMSError
 
 # flag -> (config key, type, help)
@@ -144,151 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     recipes = verbs.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=cmd_recipes)
     return parser
-
-
-def _prune_config(args: argparse.Namespace):
-    from .config import PruneConfig, apply_overrides, load_recipe, merge_settings
-
-    config = load_recipe(args.recipe) if args.recipe else PruneConfig()
-    flags = {key: getattr(args, key) for key, _, _ in PRUNE_FLAGS.values() if hasattr(args, key)}
-    if "ratio" in flags and "params" in flags:
-        raise DMSError("give either --ratio or --params, not both")
-    if "params" in flags:
-        flags["ratio"] = None  # an absolute target replaces the recipe's ratio
-    elif "ratio" in flags:
-        flags["params"] = None
-    if args.gradient_checkpointing:
-        flags["search.gradient_checkpointing"] = True
-    if args.no_eval:
-        flags["eval.heldout"] = False
-    if args.distill:
-        flags["recover.distill"] = True
-    if args.shard:
-        flags["shard"] = True
-    config = apply_overrides(merge_settings(config, flags), args.overrides)
-    if args.eval and not (config.eval.ppl or config.eval.tasks):
-        config.eval.ppl, config.eval.tasks = ["wikitext2"], ["default"]
-    return config.validate()
-
-
-def _default_output(model: str, config) -> str:
-    name = Path(model.rstrip("/")).name or "model"
-    suffix = f"{round(config.ratio * 100)}" if config.ratio is not None else str(config.params)
-    return f"{name}-dms-{suffix}"
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    import json
-
-    from .config import recipe_model
-
-    args.model = args.model or (recipe_model(args.recipe) if args.recipe else None)
-    if not args.model:
-        raise DMSError("name the model to prune (a Hub name or a folder), or a --recipe that names one")
-    from .checkpoint import check_output_dir, save_pruned
-
-    config = _prune_config(args)
-    output_dir = check_output_dir(args.output_dir or _default_output(args.model, config), args.overwrite)
-    _check_before_loading(args.model, config)
-
-    from .launch import make_accelerator, relaunch_cpu_ranks, requested_cpu_processes, uses_fsdp
-
-    if (processes := requested_cpu_processes()) > 1:
-        print(f"accelerate launch --cpu starts one process; dms-llm starts the {processes} CPU ranks (torch elastic)")
-        return relaunch_cpu_ranks(processes, args.argv)
-
-    from rich.console import Console
-
-    from .checkpoint import load_model
-    from .pipeline import prune
-
-    # one process, or each rank of `torchrun` / `accelerate launch -m dms_llm prune ...`
-    accelerator = make_accelerator(config.device)
-    shard = config.shard or uses_fsdp(accelerator)  # an accelerate FSDP config means the same as --shard
-    if shard and accelerator.num_processes < 2:
-        raise DMSError("--shard splits the model over several processes: launch with torchrun or accelerate launch")
-    if shard and config.device_map:
-        raise DMSError("--shard and --device-map both split the model; choose one")
-    if shard and args.resume and config.search.mode == "joint":
-        raise DMSError("a sharded joint search keeps no resumable state; rerun without --resume")
-    main = accelerator.is_main_process
-    console = Console(quiet=not main)
-    if args.quiet or not main:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-    # every rank uses its own device; a plain "cuda" would put all ranks on GPU 0
-    device = str(accelerator.device) if config.device in ("auto", "cuda") else config.device
-    state_dir = output_dir.with_name(f".{output_dir.name}.search-state")
-    if config.search.save_every:
-        args.interrupt_note = f"no model was written; the search state is kept in {state_dir}: add --resume to continue"
-    console.print(f"loading {args.model} ...", markup=False, highlight=False)
-    if config.device_map and accelerator.num_processes > 1:
-        raise DMSError("--device-map shards one model in one process; do not combine it with accelerate launch")
-    model, tokenizer = load_model(
-        args.model, dtype=config.dtype, device=device, device_map=config.device_map, shard=shard
-    )
-    if main and state_dir.exists() and not args.resume:
-        console.print(f"note: {state_dir} holds an interrupted search; pass --resume to continue it", markup=False)
-    model, report = prune(
-        model,
-        tokenizer,
-        config,
-        progress=not args.quiet,
-        accelerator=accelerator,
-        state_dir=state_dir,
-        resume=args.resume,
-    )
-    if not main:  # only the main process touches the output folder
-        return 0
-    report.model = args.model
-    report.command = "dms-llm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["prune"] else None
-    extra = {"eval.json": json.dumps(report.evaluation, indent=2) + "\n"} if report.evaluation else None
-    save_pruned(model, tokenizer, output_dir, report=report.to_dict(), overwrite=args.overwrite, extra_files=extra)
-    shutil.rmtree(state_dir, ignore_errors=True)  # the checkpoint is safe: the search state is not needed
-    sys.stdout.write(report.render(width=max(console.width, 100)))
-    print(f"saved to {output_dir}")
-    if args.push_to_hub:
-        from .hub import push_to_hub
-
-        try:
-            url = push_to_hub(output_dir, args.push_to_hub, private=args.private)
-        except DMSError as error:
-            raise DMSError(f"saved to {output_dir}, but {error}") from None
-        print(f"uploaded to {args.push_to_hub}: {url}")
-    return 0
-
-
-def _check_before_loading(model: str, config) -> None:
-    """Architecture, budget and calibration file checks that need no weights (fail in seconds)."""
-    from .adapters import get_adapter
-    from .budget import ParamCounter, resolve_budget
-    from .checkpoint import empty_model, load_config
-
-    model_config = load_config(model)
-    adapter = get_adapter(model_config)
-    counter = ParamCounter.from_model(empty_model(model_config), adapter)
-    resolve_budget(counter, config.ratio, config.params, config.targets)
-    _check_text_source(config.data.calib)
-    for source in config.eval.ppl:
-        _check_text_source(source)
-    if config.eval.task_data and not Path(config.eval.task_data).expanduser().is_dir():
-        raise DMSError(f"task data folder {config.eval.task_data!r} does not exist")
-    if config.recover.method:
-        _check_text_source(config.recover.data)
-
-
-def _check_text_source(source: str) -> None:
-    """Fail before loading the model when a local text file is missing or empty."""
-    from .data import NAMED_SOURCES
-
-    path = Path(source).expanduser()
-    if source in NAMED_SOURCES and not path.exists():
-        return
-    if not path.exists():
-        raise DMSError(f"text file {source!r} does not exist (or name one of {', '.join(NAMED_SOURCES)})")
-    if path.is_file() and path.stat().st_size == 0:
-        raise DMSError(f"text file {source!r} is empty")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
