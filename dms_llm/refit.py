@@ -165,10 +165,9 @@ class _Landing:
             chosen = moves.kind[:count] == index
             if not bool(chosen.any()):
                 continue
-            if self.uniform:
+            if self.uniform:  # every layer, dropped ones too, carries the shared count
                 value = int(moves.value[:count][chosen][-1])
-                for layer in self.kept:
-                    self.counts[kind][layer] = value
+                self.counts[kind] = [value] * len(self.counts[kind])
                 continue
             delta = torch.bincount(moves.layer[:count][chosen], minlength=len(self.counts[kind])) * sign
             self.counts[kind] = [c + d for c, d in zip(self.counts[kind], delta.tolist())]

@@ -44,17 +44,26 @@ def land(masks: MaskSet, counter: ParamCounter, budget: Budget, arch: Architectu
     it does not forbid the final landing from adding or removing a unit.
     """
     adjustable = [k for k in ("channels", "heads") if k in masks.targets]
+    counts = masks.counts(arch)
+    if masks.uniform:  # one shared count: a layer the guard restores may carry a stale one
+        counts = {kind: [_shared_count(values, arch.kept_layers)] * len(values) for kind, values in counts.items()}
     counts = fit_grouped(
         masks,
         counter,
         budget,
         arch.kept_layers,
-        masks.counts(arch),
+        counts,
         adjustable,
         uniform=masks.uniform,
         allowed_units=masks.allowed_units,
     )
     return None if counts is None else masks.architecture_for(arch.kept_layers, counts)
+
+
+def _shared_count(values: list[int], kept_layers: list[int]) -> int:
+    """The count most kept layers share (the larger one on a tie)."""
+    kept = [values[i] for i in kept_layers] or values
+    return max(set(kept), key=lambda value: (kept.count(value), value))
 
 
 def fit_grouped(masks: MaskSet, counter: ParamCounter, budget: Budget, kept_layers, counts, adjustable, **options):
