@@ -31,9 +31,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError:
         raise DMSError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DMSError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise DMSError(f"--device {device}: there are only {torch.cuda.device_count()} GPUs (cuda:0 ...)")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -205,12 +210,25 @@ def _read_weights(model: nn.Module, files: list[Path], dtype: torch.dtype | None
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """The destination folder, refused if it exists and ``overwrite`` is off."""
+    """The destination folder, checked before any work: it must be creatable, and an existing one is
+    only replaced with ``overwrite`` and only if dms-llm wrote it (it holds ``report.json``)."""
     out = Path(output_dir).expanduser()
     if out.exists() and not overwrite:
         raise DMSError(f"output folder {str(out)!r} already exists; choose another --output-dir or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise DMSError(f"output path {str(out)!r} exists and is not a folder")
+    if out.exists() and (out.resolve() == Path.cwd().resolve() or out.resolve() in Path.cwd().resolve().parents):
+        raise DMSError(f"refusing to replace {str(out)!r}: it is the current folder or holds it; choose another")
+    if out.exists() and any(out.iterdir()) and not (out / "report.json").is_file():
+        raise DMSError(
+            f"--overwrite only replaces folders written by dms-llm, and {str(out)!r} has no report.json; "
+            "remove it yourself or choose another --output-dir"
+        )
+    parent = next((p for p in out.absolute().parents if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise DMSError(f"cannot create {str(out)!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DMSError(f"cannot create {str(out)!r}: {str(parent)!r} is not writable")
     return out
 
 
@@ -226,6 +244,7 @@ def save_pruned(
     out = check_output_dir(output_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; the checkpoint is for others too
     try:
         model.save_pretrained(staging)
         if tokenizer is not None:
@@ -233,8 +252,8 @@ def save_pruned(
             carry_tokenizer_files(tokenizer, staging)
         if getattr(model.config, "dms_layer_shapes", None):
             shutil.copyfile(Path(__file__).with_name(MODELING_FILE), staging / MODELING_FILE)
-        if report is not None:
-            (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        # report.json marks the folder as dms-llm's: --overwrite replaces no other folder
+        (staging / "report.json").write_text(json.dumps(report or _minimal_report(), indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
         pickles = [p.name for p in staging.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
@@ -287,6 +306,19 @@ def carry_tokenizer_files(tokenizer, folder: Path) -> list[str]:
     for name in carried:
         shutil.copyfile(source / name, Path(folder) / name)
     return carried
+
+
+def _minimal_report() -> dict:
+    from . import __version__
+
+    return {"written_by": f"dms-llm {__version__}"}
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it for longer than the call)."""
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

@@ -136,6 +136,9 @@ def _check_before_loading(model: str, config) -> None:
     """Architecture, budget and calibration file checks that need no weights (fail in seconds)."""
     from .adapters import get_adapter
     from .budget import ParamCounter, resolve_budget
+    from .checkpoint import resolve_device
+
+    resolve_device(config.device)  # --device cuda on a machine without one: say so now
     from .checkpoint import empty_model, load_config
 
     model_config = load_config(model)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import current_umask
 from .errors import DMSError
 from .gguf_vocab import add_vocabulary
 
@@ -292,7 +293,7 @@ def export_gguf(
         for tensor, kind in zip(tensors, kinds):  # one tensor in memory at a time
             writer.write_tensor_data(_encode(tensor.load(), kind))
         writer.close()
-        os.chmod(staging, 0o644 & ~_umask())
+        os.chmod(staging, 0o666 & ~current_umask())
         os.replace(staging, out)
     except BaseException:
         writer.close()
@@ -308,12 +309,6 @@ def fallback_tensors(path: str | os.PathLike, outtype: str) -> list[str]:
     folder = Path(path).expanduser()
     tensors = planned_tensors(folder, plan_export(folder))
     return [t.name for t in tensors if outtype == "q8_0" and len(t.shape) > 1 and storage_type(t, outtype) == Q.F16]
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def describe(path: str | os.PathLike) -> dict:

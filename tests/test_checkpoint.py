@@ -136,7 +136,7 @@ def test_uniform_round_trip_loads_with_plain_transformers(tmp_path, stories):
 def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path):
     model = make_tiny("llama_gqa")
     target = tmp_path / "out"
-    target.mkdir()
+    save_pruned(model, None, target)
     (target / "keep.txt").write_text("old")
     with pytest.raises(DMSError, match="already exists"):
         save_pruned(model, None, target)
@@ -144,6 +144,12 @@ def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path):
     save_pruned(model, None, target, overwrite=True)
     assert not (target / "keep.txt").exists() and (target / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or backup folders left
+    foreign = tmp_path / "foreign"  # a folder dms-llm did not write is never replaced
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("theirs")
+    with pytest.raises(DMSError, match="only replaces folders written by dms-llm"):
+        save_pruned(model, None, foreign, overwrite=True)
+    assert (foreign / "keep.txt").read_text() == "theirs"
 
 
 def test_a_failed_save_leaves_the_old_checkpoint_and_no_partial_folder(tmp_path):

@@ -227,3 +227,37 @@ def test_the_size_checked_before_loading_counts_a_tied_head_once():
     real = transformers.AutoModelForCausalLM.from_pretrained(STORIES)
     assert counted.total == sum(p.numel() for p in real.parameters()) == 260_032
     resolve_budget(counted, 0.8, None, ["heads", "channels", "layers"])  # reachable, so not refused
+
+
+@pytest.mark.parametrize(
+    ("make", "extra", "message"),
+    [
+        (lambda root: (root / "afile").touch(), ["-o", "afile/sub"], "is a file, not a folder"),
+        (lambda root: (root / "mine").mkdir() or (root / "mine" / "notes.txt").touch(), ["-o", "mine", "--overwrite"],
+         "only replaces folders written by dms-llm"),
+        (lambda root: None, ["-o", ".", "--overwrite"], "current folder"),
+        (lambda root: None, ["-o", "out", "--device", "cuda"], "no CUDA GPU"),
+    ],
+)  # fmt: skip
+def test_output_and_device_problems_are_refused_before_loading(tmp_path, make, extra, message):
+    require_shared()
+    make(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = dms_llm("prune", str(STORIES), "--ratio", "0.2", "--calib", str(TINYSTORIES), *extra, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing removed
+
+
+def test_checkpoint_folders_follow_the_umask(tmp_path):
+    require_shared()
+    result = dms_llm("prune", str(STORIES), "--ratio", "0.2", "--calib", str(TINYSTORIES), "--quiet", "--no-eval",
+                     "search.steps=5", "-o", "out", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~_umask()  # not 700: others may serve it
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
