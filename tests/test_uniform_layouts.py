@@ -23,8 +23,12 @@ SHAPES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize(("shape", "ratio"), [("mistral", 0.25), ("mistral", 0.3), ("llama_gqa", 0.3), ("qwen2", 0.4)])
-def test_uniform_search_on_random_models_slices_to_a_stock_uniform_model(stories, shape, ratio):
+# the Mistral case at the CLI's default settings is the run that failed; the others are shorter
+@pytest.mark.parametrize(
+    ("shape", "ratio", "steps"),
+    [("mistral", 0.25, 300), ("llama_gqa", 0.3, 100), ("qwen2", 0.4, 100)],
+)
+def test_uniform_search_on_random_models_slices_to_a_stock_uniform_model(stories, shape, ratio, steps):
     _, tokenizer = stories
     config_name, model_name, extra = SHAPES[shape]
     torch.manual_seed(0)
@@ -32,6 +36,7 @@ def test_uniform_search_on_random_models_slices_to_a_stock_uniform_model(stories
     model = getattr(transformers, model_name)(config).eval()
     total = sum(p.numel() for p in model.parameters())
     settings = PruneConfig(ratio=ratio, layout="uniform")
+    settings.search.steps = steps
     settings.data.calib = str(TINYSTORIES)  # the CLI's defaults on the TinyStories file, as the failing run
     pruned, report = prune(model, tokenizer, settings, progress=False)
     assert not getattr(pruned.config, "dms_layer_shapes", None)  # a stock config
