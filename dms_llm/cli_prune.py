@@ -18,8 +18,18 @@ from pathlib import Path
 from .errors import DMSError
 
 
+def _model_or_override(args: argparse.Namespace) -> None:
+    """``dms-llm prune --recipe R search.steps=5``: argparse takes the first ``key=value`` as the model."""
+    model = getattr(args, "model", None)
+    if model and "=" in model and not Path(model).expanduser().exists():
+        args.overrides = [model, *(args.overrides or [])]
+        args.model = None
+
+
 def _prune_config(args: argparse.Namespace):
     from .cli import PRUNE_FLAGS
+
+    _model_or_override(args)
     from .config import PruneConfig, apply_overrides, load_recipe, merge_settings
 
     config = load_recipe(args.recipe) if args.recipe else PruneConfig()
@@ -55,6 +65,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from .config import recipe_model
 
+    _model_or_override(args)
     args.model = args.model or (recipe_model(args.recipe) if args.recipe else None)
     if not args.model:
         raise DMSError("name the model to prune (a Hub name or a folder), or a --recipe that names one")

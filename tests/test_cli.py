@@ -261,3 +261,16 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+def test_a_key_value_right_after_prune_is_a_setting_not_the_model():
+    config = prune_args(["--recipe", "stories260k", "search.steps=5", "seed=3"])
+    assert config.search.steps == 5 and config.seed == 3
+
+
+def test_the_stories_recipe_runs_from_the_repository_root_with_a_setting_after_it(tmp_path):
+    require_shared()
+    out = tmp_path / "out"
+    result = dms_llm("prune", "--recipe", "stories260k", "search.steps=5", "--quiet", "--no-eval", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "report.json").read_text())["search"]["steps"] == 5
