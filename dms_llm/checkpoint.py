@@ -22,6 +22,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .errors import DMSError
+from .hub_access import use_cache_if_offline
 from .slicing import MODELING_FILE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,14 +63,35 @@ def check_model_source(name_or_path: str) -> None:
         raise DMSError(f"model folder {name_or_path!r} does not exist")
 
 
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """A local model folder that exists and has a config.json, or a clear error."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise DMSError(f"model folder {str(path)!r} does not exist")
+    if not (folder / "config.json").is_file():
+        raise DMSError(f"{str(path)!r} is not a model folder: it has no config.json")
+    return folder
+
+
+def corrupt_weights(file: Path, error: Exception) -> DMSError:
+    """The one-line error for a safetensors file that cannot be read."""
+    return DMSError(f"could not read {file}: {error} (a truncated or corrupt safetensors file?)")
+
+
 def load_config(name_or_path: str):
     """The transformers config of a local folder or Hub model, with a clear error."""
     from transformers import AutoConfig
 
     check_model_source(name_or_path)
+    offline = not Path(name_or_path).expanduser().exists() and use_cache_if_offline()
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
+        if offline:
+            raise DMSError(
+                f"{name_or_path!r} is not a local folder nor in the local Hugging Face cache, and the Hub "
+                "cannot be reached (offline); give the path of a downloaded model folder"
+            ) from None
         first = str(error).strip().splitlines()[0]
         raise DMSError(f"could not load the config of {name_or_path!r}: {first}") from None
 
@@ -122,9 +144,7 @@ def load_model(
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device_map: str | None = None):
     """Load a checkpoint written by dms-llm (either layout), from safetensors only."""
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise DMSError(f"{str(path)!r} is not a model folder: it has no config.json")
+    folder = check_model_folder(path)
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype, dtype)
     return load_causal_lm(str(folder), dtype, "cpu", device_map)
@@ -202,7 +222,7 @@ def _read_weights(model: nn.Module, files: list[Path], dtype: torch.dtype | None
                     state[key] = tensor.to(device=device, dtype=cast)
                     del tensor
     except SafetensorError as error:
-        raise DMSError(f"could not read {file}: {error} (a truncated or corrupt safetensors file?)") from None
+        raise corrupt_weights(file, error) from None
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # a tied lm_head is not stored: it becomes the embedding again
     model.to(device)  # buffers (rotary frequencies) were built on the host; the weights are there already
@@ -224,11 +244,29 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
             f"--overwrite only replaces folders written by dms-llm, and {str(out)!r} has no report.json; "
             "remove it yourself or choose another --output-dir"
         )
+    check_creatable(out)
+    return out
+
+
+def check_creatable(out: Path) -> None:
+    """``out`` can be created: its nearest existing parent is a writable folder."""
     parent = next((p for p in out.absolute().parents if p.exists()), Path("/"))
     if not parent.is_dir():
         raise DMSError(f"cannot create {str(out)!r}: {str(parent)!r} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise DMSError(f"cannot create {str(out)!r}: {str(parent)!r} is not writable")
+
+
+def check_output_file(path: str | os.PathLike, overwrite: bool, flag: str = "-o") -> Path:
+    """A destination file, checked before any work: creatable, and replaced only with ``overwrite``."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise DMSError(f"{str(out)!r} is a folder; give {flag} a file name")
+    if out.exists() and not overwrite:
+        raise DMSError(f"{str(out)!r} already exists; choose another {flag} or pass --overwrite")
+    check_creatable(out)
+    if out.exists() and not os.access(out, os.W_OK):
+        raise DMSError(f"cannot replace {str(out)!r}: it is not writable")
     return out
 
 

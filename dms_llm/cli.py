@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--limit", type=float, help="items per lm-eval task (quick runs)")
     evaluate.add_argument("--task-data", help="folder of local task files (offline lm-eval)")
-    evaluate.add_argument("--output", help="results file (default: MODEL/eval.json, or ./eval.json for Hub names)")
+    evaluate.add_argument(
+        "--output", help="results file (default: MODEL/eval.json; ./NAME-eval.json for Hub names or read-only folders)"
+    )
     evaluate.add_argument("--dtype", default="auto")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=cmd_eval)
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .checkpoint import load_config, load_model
+    from .checkpoint import check_output_file, load_config, load_model
     from .config import EvalConfig
     from .evaluate import evaluate_model, prepare_perplexity_sources, render_evaluation
     from .report import versions
@@ -162,8 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         task_data=args.task_data,
     )
     config.validate()
-    local = Path(args.model).expanduser()
-    output = Path(args.output) if args.output else (local / "eval.json" if local.is_dir() else Path("eval.json"))
+    output = check_output_file(args.output or _default_eval_output(args.model), overwrite=True, flag="--output")
     load_config(args.model)  # a missing folder or a folder without config fails before anything loads
     for source in config.ppl:
         _check_text_source(source)
@@ -177,6 +178,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     staging.replace(output)  # atomic: a reader never sees half a file
     print(f"wrote {output}")
     return 0
+
+
+def _default_eval_output(model: str) -> Path:
+    """MODEL/eval.json beside the weights; ./NAME-eval.json for a Hub name or a read-only folder."""
+    import os
+
+    local = Path(model).expanduser()
+    if local.is_dir() and os.access(local, os.W_OK | os.X_OK):
+        return local / "eval.json"
+    return Path(f"{local.resolve().name if local.is_dir() else model.replace('/', '--')}-eval.json")
 
 
 def cmd_push(args: argparse.Namespace) -> int:

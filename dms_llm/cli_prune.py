@@ -73,7 +73,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     config = _prune_config(args)
     output_dir = check_output_dir(args.output_dir or _default_output(args.model, config), args.overwrite)
-    _check_before_loading(args.model, config)
+    calibration = _check_before_loading(args.model, config, args.push_to_hub)
 
     from .launch import make_accelerator, relaunch_cpu_ranks, requested_cpu_processes, uses_fsdp
 
@@ -118,6 +118,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model,
         tokenizer,
         config,
+        calibration=calibration,
         progress=not args.quiet,
         accelerator=accelerator,
         state_dir=state_dir,
@@ -143,31 +144,49 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_before_loading(model: str, config) -> None:
-    """Architecture, budget and calibration file checks that need no weights (fail in seconds)."""
+def _check_before_loading(model: str, config, push_to: str | None = None):
+    """Everything that needs no weights, so that bad input fails in seconds: device, architecture,
+    budget, Hub repository id, every text source; returns the calibration blocks (the tokenizer is
+    light, and a calibration file shorter than one block is found here, not after loading)."""
+    from transformers import AutoTokenizer
+
     from .adapters import get_adapter
     from .budget import ParamCounter, resolve_budget
-    from .checkpoint import resolve_device
+    from .checkpoint import empty_model, load_config, resolve_device
+    from .data import calibration_blocks
 
     resolve_device(config.device)  # --device cuda on a machine without one: say so now
-    from .checkpoint import empty_model, load_config
-
     model_config = load_config(model)
     adapter = get_adapter(model_config)
-    counter = ParamCounter.from_model(empty_model(model_config), adapter)
+    empty = empty_model(model_config)
+    counter = ParamCounter.from_model(empty, adapter)
     resolve_budget(counter, config.ratio, config.params, config.targets)
-    _check_text_source(config.data.calib)
+    narrowest = min(adapter.geometry(empty).channels)
+    if config.channel_multiple > narrowest:
+        raise DMSError(f"--channel-multiple {config.channel_multiple} is larger than the narrowest MLP ({narrowest})")
+    if push_to:
+        from .hub import check_repo_id
+
+        check_repo_id(push_to)
     for source in config.eval.ppl:
         _check_text_source(source)
     if config.eval.task_data and not Path(config.eval.task_data).expanduser().is_dir():
         raise DMSError(f"task data folder {config.eval.task_data!r} does not exist")
     if config.recover.method:
         _check_text_source(config.recover.data)
+    _check_text_source(config.data.calib, config.data.text_field)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DMSError(f"could not load the tokenizer of {model!r}: {first}") from None
+    return calibration_blocks(tokenizer, config.data, config.seed)
 
 
-def _check_text_source(source: str) -> None:
-    """Fail before loading the model when a local text file is missing or empty."""
-    from .data import NAMED_SOURCES
+def _check_text_source(source: str, text_field: str = "text") -> None:
+    """A local text file is read (and so checked: missing, empty, binary, not UTF-8, a .jsonl without
+    its field) before the model loads; a named dataset is left to its loader."""
+    from .data import NAMED_SOURCES, load_text
 
     path = Path(source).expanduser()
     if source in NAMED_SOURCES and not path.exists():
@@ -176,3 +195,4 @@ def _check_text_source(source: str) -> None:
         raise DMSError(f"text file {source!r} does not exist (or name one of {', '.join(NAMED_SOURCES)})")
     if path.is_file() and path.stat().st_size == 0:
         raise DMSError(f"text file {source!r} is empty")
+    load_text(source, text_field=text_field)

@@ -85,13 +85,35 @@ def _rows_text(rows: list[dict], field: str, source: str) -> list[str]:
     raise DMSError(f"{source} has no {field!r} field; set data.text_field." + did_you_mean(field, rows[0]))
 
 
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw")
+ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _check_is_text(path: Path) -> None:
+    """Binary data saved as .txt (or a legacy code page) is refused, not read as garbage."""
+    with path.open("rb") as handle:
+        head = handle.read(1 << 16)
+    if b"\x00" in head:
+        raise DMSError(f"{str(path)!r} is not text (it holds binary data); give a UTF-8 .txt, .jsonl or .parquet file")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 4:  # not just a character cut at the 64 KiB boundary
+            raise DMSError(
+                f"{str(path)!r} is not UTF-8 text (byte {error.start}); convert it first, "
+                f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}"
+            ) from None
+
+
 def _read_local(path: Path, field: str) -> tuple[list[str], str]:
     suffix = path.suffix.lower()
-    if suffix in (".txt", ".text", ".md", ".raw"):
+    if suffix in TEXT_SUFFIXES + (".jsonl", ".json"):
+        _check_is_text(path)
+    if suffix in TEXT_SUFFIXES:
         return [path.read_text(encoding="utf-8", errors="replace")], "\n\n"
     if suffix in (".jsonl", ".json"):
         rows = []
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8", errors="replace") as handle:
             for number, line in enumerate(handle, 1):
                 if line.strip():
                     try:
@@ -104,10 +126,13 @@ def _read_local(path: Path, field: str) -> tuple[list[str], str]:
         import pyarrow.parquet as pq
 
         return _rows_text(pq.read_table(path).to_pylist(), field, str(path)), "\n\n"
-    raise DMSError(f"unsupported text file {path.name!r}: use .txt, .jsonl or .parquet")
+    raise DMSError(f"unsupported text file {path.name!r}: use .txt, .jsonl or .parquet (.bin data is never read)")
 
 
 def _read_named(name: str, role: str, max_rows: int | None = None) -> tuple[list[str], str]:
+    from .hub_access import use_cache_if_offline
+
+    offline = use_cache_if_offline()  # before importing datasets, which reads the setting once
     import datasets
 
     source = NAMED_SOURCES[name]
@@ -119,6 +144,7 @@ def _read_named(name: str, role: str, max_rows: int | None = None) -> tuple[list
         rows = datasets.load_dataset(source.path, source.name, split=split, **kwargs)
     except Exception as error:  # network, offline mode, missing split: one clear line
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = "the Hub cannot be reached and it is not in the local cache" if offline else first
         raise DMSError(
             f"could not load dataset {name!r} ({source.path}, split {split}): {first}. "
             "Offline? Pass a local .txt/.jsonl/.parquet file instead."

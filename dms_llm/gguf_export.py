@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import current_umask
+from .checkpoint import check_model_folder, check_output_file, corrupt_weights, current_umask
 from .errors import DMSError
 from .gguf_vocab import add_vocabulary
 
@@ -59,8 +59,7 @@ def plan_export(folder: Path) -> ExportPlan:
     """The architecture and per-layer shapes of a checkpoint folder, or a clear error."""
     from transformers import AutoConfig
 
-    if not (folder / "config.json").is_file():
-        raise DMSError(f"{str(folder)!r} is not a model folder: it has no config.json")
+    check_model_folder(folder)
     config = AutoConfig.from_pretrained(folder)
     family = config.model_type
     if family not in ("llama", "mistral", "qwen2"):
@@ -113,20 +112,23 @@ class PlannedTensor:
 def planned_tensors(folder: Path, plan: ExportPlan) -> list[PlannedTensor]:
     """Every tensor of the GGUF file, read lazily: the weights (q/k permuted) and Llama-3's rope factors."""
     import gguf
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from .checkpoint import _weight_files
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[plan.arch.upper()], len(plan.layers))
     planned = []
     for file in _weight_files(folder):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-                if name is None:
-                    raise DMSError(f"{file.name} holds {key!r}, which has no GGUF name for {plan.arch}")
-                shape = tuple(handle.get_slice(key).get_shape())
-                planned.append(PlannedTensor(name, shape, _loader(file, key, plan)))
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+                    if name is None:
+                        raise DMSError(f"{file.name} holds {key!r}, which has no GGUF name for {plan.arch}")
+                    shape = tuple(handle.get_slice(key).get_shape())
+                    planned.append(PlannedTensor(name, shape, _loader(file, key, plan)))
+        except SafetensorError as error:
+            raise corrupt_weights(file, error) from None
     factors = _llama3_rope_factors(plan)
     if factors is not None:
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
@@ -136,10 +138,13 @@ def planned_tensors(folder: Path, plan: ExportPlan) -> list[PlannedTensor]:
 
 def _loader(file: Path, key: str, plan: ExportPlan):
     def load() -> torch.Tensor:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            tensor = handle.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                tensor = handle.get_tensor(key)
+        except SafetensorError as error:
+            raise corrupt_weights(file, error) from None
         if plan.permute_qk and key.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             layer = plan.layers[int(key.split(".layers.")[1].split(".")[0])]
             tensor = permute_rows(tensor, layer.heads if "q_proj" in key else layer.kv_heads)
@@ -267,10 +272,7 @@ def export_gguf(
     folder = Path(path).expanduser()
     plan = plan_export(folder)
     out = Path(output).expanduser() if output else folder / f"{folder.resolve().name}-{outtype}.gguf"
-    if out.exists() and not overwrite:
-        raise DMSError(f"{str(out)!r} already exists; choose another -o or pass --overwrite")
-    if out.is_dir():
-        raise DMSError(f"{str(out)!r} is a folder; give -o a file name ending in .gguf")
+    check_output_file(out, overwrite)
     tensors = planned_tensors(folder, plan)
     kinds = [storage_type(t, outtype) for t in tensors]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,9 @@ SKIPPED = {"README.md", ARCHITECTURE_PLOT}  # replaced by the generated card and
 
 
 def _check_folder(folder: Path) -> list[Path]:
-    if not (folder / "config.json").is_file():
-        raise DMSError(f"{str(folder)!r} is not a model folder: it has no config.json")
+    from .checkpoint import check_model_folder
+
+    check_model_folder(folder)
     files = sorted(
         p
         for p in folder.rglob("*")
@@ -57,6 +58,20 @@ def upload_operations(folder: str | Path, repo_id: str, license: str | None = No
     return operations
 
 
+def check_repo_id(repo_id: str) -> None:
+    """A Hub repository id (user/name), checked before any work."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        if repo_id.count("/") != 1:
+            raise HFValidationError("it must look like user/name")
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise DMSError(f"{repo_id!r} is not a valid Hub repository id: {reason}") from None
+
+
 def push_to_hub(
     folder: str | Path,
     repo_id: str,
@@ -72,8 +87,7 @@ def push_to_hub(
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     folder = Path(folder).expanduser()
-    if "/" not in repo_id or repo_id.count("/") > 1:
-        raise DMSError(f"repository id {repo_id!r} must look like user/name")
+    check_repo_id(repo_id)
     operations = upload_operations(folder, repo_id, license)
     token = token or get_token()
     if not token:
