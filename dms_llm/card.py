@@ -97,6 +97,8 @@ def _evaluation_table(evaluation: dict) -> list[str]:
 def model_card(folder: str | Path, repo_id: str | None = None, license: str | None = None) -> str:
     """Markdown model card with YAML metadata for a checkpoint folder written by dms-llm."""
     folder = Path(folder)
+    from .checkpoint import looks_like_path
+
     report = _read_json(folder / "report.json")
     evaluation = _read_json(folder / "eval.json")
     config = _read_json(folder / "config.json")
@@ -107,9 +109,11 @@ def model_card(folder: str | Path, repo_id: str | None = None, license: str | No
         "pipeline_tag": "text-generation",
         "tags": ["dms-llm", "pruned", "structured-pruning", config.get("model_type", "llama")],
     }
-    if base and not Path(base).expanduser().exists():
-        metadata["base_model"] = base
     license = license or base_license(base)
+    if base and not Path(base).expanduser().exists() and not looks_like_path(base):
+        metadata["base_model"] = base  # a Hub id
+    elif base:  # a local folder: its name, not a path on the machine that pruned it
+        base = Path(base).name
     if license:
         metadata["license"] = license
     name = repo_id.split("/")[-1] if repo_id else folder.name

@@ -49,7 +49,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
@@ -59,7 +59,7 @@ def check_model_source(name_or_path: str) -> None:
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise DMSError(f"{name_or_path!r} is not a model folder: it has no config.json")
-    elif _looks_like_path(name_or_path):
+    elif looks_like_path(name_or_path):
         raise DMSError(f"model folder {name_or_path!r} does not exist")
 
 

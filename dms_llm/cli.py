@@ -185,7 +185,9 @@ def _default_eval_output(model: str) -> Path:
     import os
 
     local = Path(model).expanduser()
-    if local.is_dir() and os.access(local, os.W_OK | os.X_OK):
+    # no write bits means read-only even to root (who may write anyway): a shared or served folder
+    marked_writable = local.is_dir() and local.stat().st_mode & 0o222
+    if marked_writable and os.access(local, os.W_OK | os.X_OK):
         return local / "eval.json"
     return Path(f"{local.resolve().name if local.is_dir() else model.replace('/', '--')}-eval.json")
 
@@ -211,6 +213,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     from .checkpoint import check_output_dir, load_config, load_model, save_pruned
     from .config import RecoverConfig
+    from .output_lock import claim_output
 
     config = RecoverConfig(
         method="lora",
@@ -246,11 +249,12 @@ def cmd_recover(args: argparse.Namespace) -> int:
         dense, dense_tokenizer = load_model(teacher_name, dtype=args.dtype, device=args.device)
         data, teacher = recovery_teacher(dense, dense_tokenizer, config, args.seed)
         del dense
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    checkpoints = output.with_name(f"{output.name}-checkpoints") if args.save_every else None
-    model, info = recover(model, tokenizer, config, teacher, args.seed, not args.quiet, checkpoints, data)
-    report["recovery"] = info
-    save_pruned(model, tokenizer, output, report=report, overwrite=args.overwrite)
+    with claim_output(output):  # one run at a time into this folder
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        checkpoints = output.with_name(f"{output.name}-checkpoints") if args.save_every else None
+        model, info = recover(model, tokenizer, config, teacher, args.seed, not args.quiet, checkpoints, data)
+        report["recovery"] = info
+        save_pruned(model, tokenizer, output, report=report, overwrite=args.overwrite)
     before, after = info["heldout_before"], info["heldout_after"]
     if before is not None:
         print(

@@ -13,6 +13,7 @@ import argparse
 import shlex
 import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from .errors import DMSError
@@ -61,19 +62,17 @@ def _default_output(model: str, config) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import json
-
     from .config import recipe_model
 
     _model_or_override(args)
     args.model = args.model or (recipe_model(args.recipe) if args.recipe else None)
     if not args.model:
         raise DMSError("name the model to prune (a Hub name or a folder), or a --recipe that names one")
-    from .checkpoint import check_output_dir, save_pruned
+    from .checkpoint import check_output_dir
 
     config = _prune_config(args)
     output_dir = check_output_dir(args.output_dir or _default_output(args.model, config), args.overwrite)
-    calibration = _check_before_loading(args.model, config, args.push_to_hub)
+    args.calibration = _check_before_loading(args.model, config, args.push_to_hub)
 
     from .launch import make_accelerator, relaunch_cpu_ranks, requested_cpu_processes, uses_fsdp
 
@@ -81,10 +80,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"accelerate launch --cpu starts one process; dms-llm starts the {processes} CPU ranks (torch elastic)")
         return relaunch_cpu_ranks(processes, args.argv)
 
-    from rich.console import Console
-
-    from .checkpoint import load_model
-    from .pipeline import prune
+    from .output_lock import claim_output
 
     # one process, or each rank of `torchrun` / `accelerate launch -m dms_llm prune ...`
     accelerator = make_accelerator(config.device)
@@ -95,6 +91,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise DMSError("--shard and --device-map both split the model; choose one")
     if shard and args.resume and config.search.mode == "joint":
         raise DMSError("a sharded joint search keeps no resumable state; rerun without --resume")
+    main = accelerator.is_main_process
+    # only the main process writes: it alone holds the output (a second run into it fails at once)
+    with claim_output(output_dir) if main else nullcontext([]) as litter:
+        if litter:
+            print(f"removed {len(litter)} leftovers of a killed run: {', '.join(p.name for p in litter)}")
+        return _search_and_save(args, config, output_dir, accelerator, shard)
+
+
+def _search_and_save(args: argparse.Namespace, config, output_dir: Path, accelerator, shard: bool) -> int:
+    import json
+
+    from rich.console import Console
+
+    from .checkpoint import load_model, save_pruned
+    from .pipeline import prune
+
+    calibration = args.calibration
     main = accelerator.is_main_process
     console = Console(quiet=not main)
     if args.quiet or not main:
@@ -126,7 +139,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     if not main:  # only the main process touches the output folder
         return 0
-    report.model = args.model
+    # a local base model is stored as an absolute path: `recover --distill` finds it from any folder
+    local = Path(args.model).expanduser()
+    report.model = str(local.resolve()) if local.is_dir() else args.model
     report.command = "dms-llm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["prune"] else None
     extra = {"eval.json": json.dumps(report.evaluation, indent=2) + "\n"} if report.evaluation else None
     save_pruned(model, tokenizer, output_dir, report=report.to_dict(), overwrite=args.overwrite, extra_files=extra)

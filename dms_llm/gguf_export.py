@@ -29,6 +29,7 @@ import torch
 from .checkpoint import check_model_folder, check_output_file, corrupt_weights, current_umask
 from .errors import DMSError
 from .gguf_vocab import add_vocabulary
+from .output_lock import claim_output
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -264,8 +265,6 @@ def export_gguf(
     ``output`` defaults to ``PATH/NAME-OUTTYPE.gguf``. An existing file is only replaced with
     ``overwrite=True``; the file appears complete or not at all.
     """
-    import gguf
-    import numpy as np
 
     if outtype not in OUTTYPES:
         raise DMSError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
@@ -274,8 +273,17 @@ def export_gguf(
     out = Path(output).expanduser() if output else folder / f"{folder.resolve().name}-{outtype}.gguf"
     check_output_file(out, overwrite)
     tensors = planned_tensors(folder, plan)
+    with claim_output(out):  # one export at a time into this file; a killed one's staging file goes
+        _write(out, folder, plan, tensors, outtype)
+    return out
+
+
+def _write(out: Path, folder: Path, plan: ExportPlan, tensors: list[PlannedTensor], outtype: str) -> None:
+    """Stream the tensors into a hidden staging file and rename it over ``out`` when complete."""
+    import gguf
+    import numpy as np
+
     kinds = [storage_type(t, outtype) for t in tensors]
-    out.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(handle)
     writer = gguf.GGUFWriter(None, plan.arch)
@@ -301,7 +309,6 @@ def export_gguf(
         writer.close()
         Path(staging).unlink(missing_ok=True)
         raise
-    return out
 
 
 def fallback_tensors(path: str | os.PathLike, outtype: str) -> list[str]:

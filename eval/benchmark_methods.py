@@ -24,6 +24,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def portable(text: str) -> str:
+    """Paths in results files relative to the repository (no machine's own paths)."""
+    return text.replace(str(ROOT) + "/", "").replace(str(ROOT.parent), "..")
+
+
 sys.path.insert(0, str(ROOT))
 
 from dms_llm import PruneConfig, calibration_blocks, load_text, perplexity, tokenize_text  # noqa: E402
@@ -137,7 +144,7 @@ def write_results(out: Path, rows: list[dict], args, config: PruneConfig) -> Non
         "eval_seq_len": args.eval_seq_len,
         "dms_settings": config.to_dict(),
     }
-    (out / "methods.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (out / "methods.json").write_text(portable(json.dumps({"meta": meta, "rows": rows}, indent=2)) + "\n")
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
     ratios = sorted({r["ratio"] for r in rows if r["method"] != "dense"})
     dense = rows[0]

@@ -24,6 +24,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def portable(text: str) -> str:
+    """Paths in results files relative to the repository (no machine's own paths)."""
+    return text.replace(str(ROOT) + "/", "").replace(str(ROOT.parent), "..")
+
+
 sys.path.insert(0, str(ROOT))
 
 from benchmark_methods import dms_config, run_dms  # noqa: E402
@@ -124,7 +131,8 @@ def write(out: Path, rows: list[dict], args, lora: RecoverConfig) -> None:
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     command = "python eval/benchmark_recovery.py " + " ".join(sys.argv[1:])
     (out / "recovery.json").write_text(
-        json.dumps({"machine": machine, "command": command, "lora": vars(lora), "rows": rows}, indent=2) + "\n"
+        portable(json.dumps({"machine": machine, "command": command, "lora": vars(lora), "rows": rows}, indent=2))
+        + "\n"
     )
     dense = rows[0]
     lines = [

@@ -23,6 +23,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def portable(text: str) -> str:
+    """Paths in results files relative to the repository (no machine's own paths)."""
+    return text.replace(str(ROOT) + "/", "").replace(str(ROOT.parent), "..")
+
+
 sys.path.insert(0, str(ROOT))
 
 from benchmark_overhead import CONFIGS  # noqa: E402
@@ -181,7 +188,7 @@ def write(out: Path, rows: list[dict], args) -> None:
     lines += ["", f"Command: `{command.strip()}`."]
     suffix = "_gpu" if cuda else ""
     (out / f"speed{suffix}.json").write_text(
-        json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=2) + "\n"
+        portable(json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=2, default=str)) + "\n"
     )
     (out / f"speed{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,16 +1,17 @@
 """Run exported checkpoints in llama.cpp itself and compare its perplexity with transformers'.
 
-Build llama.cpp's tools from the sources the ``llama-cpp-python`` sdist vendors (2 cores: ~15 min):
+Build llama.cpp's tools from the sources the ``llama-cpp-python`` sdist vendors (2 cores: ~15 min;
+LLAMA_DIR is any scratch folder):
 
-    pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/llamacpp
-    tar xzf /tmp/llamacpp/llama_cpp_python-*.tar.gz -C /tmp/llamacpp
-    cmake -S /tmp/llamacpp/llama_cpp_python-*/vendor/llama.cpp -B /tmp/llamacpp/build -DCMAKE_BUILD_TYPE=Release \\
+    pip download --no-deps --no-binary :all: llama-cpp-python -d $LLAMA_DIR
+    tar xzf $LLAMA_DIR/llama_cpp_python-*.tar.gz -C $LLAMA_DIR
+    cmake -S $LLAMA_DIR/llama_cpp_python-*/vendor/llama.cpp -B $LLAMA_DIR/build -DCMAKE_BUILD_TYPE=Release \\
           -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=OFF
-    cmake --build /tmp/llamacpp/build -j 2 --target llama-perplexity llama-quantize
+    cmake --build $LLAMA_DIR/build -j 2 --target llama-perplexity llama-quantize
 
 then:
 
-    python eval/gguf_llamacpp.py --bin /tmp/llamacpp/build/bin
+    python eval/gguf_llamacpp.py --bin $LLAMA_DIR/build/bin
 
 It prunes stories260K (ratio 0.3, default search) per layer with ``--channel-multiple`` 1, 8 and
 32 and uniform, exports dense and pruned folders with ``dms-llm export``, and scores each with
@@ -33,6 +34,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def portable(text: str) -> str:
+    """Paths in results files relative to the repository (no machine's own paths)."""
+    return text.replace(str(ROOT) + "/", "").replace(str(ROOT.parent), "..")
+
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gguf_models  # noqa: E402  (beside this script)
 
@@ -192,10 +200,10 @@ def main() -> None:
 
 
 def write(rows: list[dict], alignment: list[dict], args) -> None:
-    command = "python eval/gguf_llamacpp.py " + " ".join(sys.argv[1:])
+    command = "python eval/gguf_llamacpp.py --bin BUILD/bin"  # BUILD: where llama.cpp was built
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "rows": rows, "alignment": alignment}
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    args.out.with_suffix(".json").write_text(portable(json.dumps(payload, indent=2)) + "\n")
     lines = [
         "Checkpoints exported with `dms-llm export` and run in llama.cpp (built from the llama-cpp-python sdist's "
         f"vendored tree) against transformers on the same text: {args.chunks} chunks of {CHUNK} tokens of the "
