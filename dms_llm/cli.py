@@ -38,6 +38,8 @@ PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--channel-multiple": ("channel_multiple", int, "kept MLP widths in multiples of M (32: q8_0, 256: k-quants)"),
     "--seed": ("seed", int, "random seed"),
     "--mode": ("search.mode", str, "structure (weights frozen, default) or joint (weights train too)"),
+    "--loss": ("search.loss", str, "search loss: task (cross-entropy), kd (KL to the dense model) or task+kd"),
+    "--method": ("method", str, "dms (default), or a peer's criterion: flap, taylor, magnitude, shortgpt, random"),
     "--grad-accum": ("search.grad_accum", int, "micro-batches per step and process"),
     "--dtype": ("dtype", str, "auto, float32, bfloat16 or float16"),
     "--device": ("device", str, "auto, cpu, cuda, cuda:N"),

@@ -41,6 +41,10 @@ class DataConfig:
         _check(0.0 <= self.heldout_fraction < 1.0, "data.heldout_fraction must be in [0, 1)")
 
 
+LOSSES = ("task", "kd", "task+kd")
+METHODS = ("dms", "flap", "taylor", "magnitude", "shortgpt", "random")
+
+
 @dataclass
 class SearchConfig:
     """The DMS calibration loop."""
@@ -64,8 +68,9 @@ class SearchConfig:
     layer_score_budget: float = 0.08  # share of the search's compute that layer scoring may use
     gradient_checkpointing: bool = False
     save_every: int = 50  # steps between resumable state saves (0: never)
+    loss: str = "task"  # task: cross-entropy on the text; kd: KL to the dense model; or both
     weight_lr: float = 1e-4  # joint mode: learning rate of the weights
-    distill_weight: float = 1.0  # joint mode: weight of the KL to the dense teacher (0: no teacher)
+    distill_weight: float = 1.0  # weight of the KL to the dense model (the same weights, masks off)
     distill_topk: int = 64  # teacher log-probabilities kept per token (the rest is one bucket)
 
     def validate(self) -> None:
@@ -73,6 +78,9 @@ class SearchConfig:
         _check(self.grad_accum >= 1 and self.save_every >= 0, "search.grad_accum >= 1 and search.save_every >= 0")
         _check(self.weight_lr > 0 and self.distill_weight >= 0, "search.weight_lr > 0, search.distill_weight >= 0")
         _check(self.distill_topk >= 1, "search.distill_topk must be at least 1")
+        _check(self.loss in LOSSES, f"search.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        kd_ok = self.loss == "task" or self.distill_weight > 0
+        _check(kd_ok, f"search.loss={self.loss} needs search.distill_weight > 0")
         _check(self.steps >= 1, "search.steps must be at least 1")
         _check(self.batch_size >= 1, "search.batch_size must be at least 1")
         _check(self.lr > 0, "search.lr must be positive")
@@ -161,6 +169,7 @@ class PruneConfig:
     targets: list[str] = field(default_factory=lambda: ["heads", "channels", "layers"])
     layout: str = "per_layer"
     channel_multiple: int = 1  # every kept MLP width a multiple of this (32: q8_0, 256: k-quants)
+    method: str = "dms"  # or a peer's one-shot criterion: flap, taylor, magnitude, shortgpt, random
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
@@ -198,6 +207,15 @@ class PruneConfig:
             self.dtype in ("auto", "float32", "bfloat16", "float16"),
             f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}",
         )
+        _check(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method != "dms":  # the one-shot criteria choose their own units and land without groups
+            for wrong, what in (
+                (self.channel_multiple > 1, "--channel-multiple"),
+                (self.shard, "--shard"),
+                (set(self.targets) != {"heads", "channels", "layers"}, "--targets"),
+                (self.method == "flap" and self.layout == "uniform", "--layout uniform (FLAP allocates per layer)"),
+            ):
+                _check(not wrong, f"--method {self.method} does not take {what}; it is a DMS setting")
         self.data.validate()
         self.search.validate()
         self.eval.validate()

@@ -170,8 +170,10 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.lm = model
 
-    def forward(self, input_ids: Tensor, teacher: TeacherTargets | None = None, kd_weight: float = 0.0):
-        return causal_lm_loss(self.lm, input_ids, teacher, kd_weight)
+    def forward(
+        self, input_ids: Tensor, teacher: TeacherTargets | None = None, kd_weight: float = 0.0, task_weight: float = 1.0
+    ):
+        return causal_lm_loss(self.lm, input_ids, teacher, kd_weight, task_weight)
 
 
 @torch.no_grad()

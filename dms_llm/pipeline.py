@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -25,7 +26,7 @@ from .evaluate import evaluate_model, perplexity, prepare_perplexity_sources
 from .losses import teacher_targets
 from .masks import MaskSet
 from .report import PruneReport
-from .search_loop import search
+from .search_loop import SearchResult, search
 from .sharding import gather_model, is_sharded
 from .slicing import slice_model
 
@@ -92,27 +93,16 @@ def prune(
         from .recover import recovery_teacher
 
         recovery, recovery_teacher_targets = recovery_teacher(model, tokenizer, config.recover, config.seed)
-    if config.search.mode == "joint" and config.search.distill_weight > 0:
+    if "kd" in config.search.loss and config.method == "dms":
+        # the dense model is this one before masks exist: its top-k next-token log-probabilities on
+        # the calibration blocks, taken once (no copy of the weights, no teacher forward per step)
         settings = config.search
         search_teacher = teacher_targets(model, data.calib, settings.distill_topk, batch_size=settings.batch_size)
-    masks = masks_for(model, config, adapter)
-    try:
-        result = search(
-            model,
-            masks,
-            counter,
-            budget,
-            data.calib,
-            config.search,
-            seed=config.seed,
-            accelerator=accelerator,
-            progress=progress,
-            teacher=search_teacher,
-            state_dir=state_dir,
-            resume=resume,
-        )
-    finally:
-        masks.remove()
+    if config.method != "dms":
+        result = one_shot_result(model, config, counter, budget, data.calib, adapter)
+    else:
+        result = _search(model, config, adapter, counter, budget, data, accelerator, progress, search_teacher,
+                         state_dir, resume)  # fmt: skip
     if sharded:  # main slices and saves the whole model; the other ranks are done
         search_device = model.get_input_embeddings().weight.device
         model = gather_model(model)
@@ -162,3 +152,37 @@ def prune(
             "pruned": evaluate_model(model, tokenizer, config.eval, sources, progress=progress),
         }
     return model, report
+
+
+def _search(model, config, adapter, counter, budget, data, accelerator, progress, teacher, state_dir, resume):
+    """The DMS search on masks attached for its duration."""
+    masks = masks_for(model, config, adapter)
+    try:
+        return search(
+            model,
+            masks,
+            counter,
+            budget,
+            data.calib,
+            config.search,
+            seed=config.seed,
+            accelerator=accelerator,
+            progress=progress,
+            teacher=teacher,
+            state_dir=state_dir,
+            resume=resume,
+        )
+    finally:
+        masks.remove()
+
+
+def one_shot_result(model: nn.Module, config: PruneConfig, counter, budget, blocks, adapter) -> SearchResult:
+    """A peer's one-shot criterion (``--method``) on the same units, budget landing and slicing as DMS;
+    FLAP's bias compensation is applied to the weights before slicing."""
+    from .baselines import one_shot
+
+    start = time.perf_counter()
+    chosen = one_shot(model, config.method, counter, budget, blocks, config.seed, adapter)
+    if chosen.compensate is not None:
+        chosen.compensate(model)
+    return SearchResult(chosen.architecture, chosen.params, time.perf_counter() - start, method=config.method)

@@ -144,7 +144,9 @@ class PruneReport:
                 ),
                 soft_wrap=True,
             )
-        if self.search:
+        if self.search.get("method", "dms") != "dms":
+            console.print(f"{self.search['method']} (one-shot criterion): {self.search.get('seconds')} s")
+        elif self.search:
             console.print(f"search: {self.search.get('steps')} steps in {self.search.get('seconds')} s")
         text = buffer.getvalue()
         if self.evaluation:

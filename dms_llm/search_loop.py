@@ -59,10 +59,12 @@ class SearchResult:
     layer_decisions: list[dict] = field(default_factory=list)
     processes: int = 1  # data-parallel ranks that ran the search
     rank_weight_bytes: int | None = None  # sharded: the weight bytes one rank held (its shards + replicated)
+    method: str = "dms"  # or the peer criterion (--method) that chose the architecture
 
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
         return {
+            "method": self.method,
             "seconds": round(self.seconds, 2),
             "steps": len(self.history),
             "processes": self.processes,
@@ -129,7 +131,10 @@ def search(
         optimizers["weights"] = torch.optim.AdamW(model.parameters(), lr=config.weight_lr, weight_decay=0.0)
         if accelerator.num_processes > 1 and not sharded:
             forward = accelerator.prepare_model(forward)  # DDP: weight grads sync
-    kd_weight = config.distill_weight if (joint and teacher is not None) else 0.0
+    kd_weight = config.distill_weight if ("kd" in config.loss and teacher is not None) else 0.0
+    if "kd" in config.loss and teacher is None:
+        raise DMSError(f"search.loss={config.loss} needs the dense model's targets (teacher_targets)")
+    task_weight = 1.0 if "task" in config.loss else 0.0
     device = model.get_input_embeddings().weight.device
     steps, accum = config.steps, config.grad_accum
     decay_steps = int(round(config.decay_fraction * steps))
@@ -178,7 +183,7 @@ def search(
             batch = blocks[rows].to(device)
             masks.refresh()
             with accelerator.autocast():
-                task, _ = forward(batch, teacher.select(rows) if kd_weight else None, kd_weight)
+                task, _ = forward(batch, teacher.select(rows) if kd_weight else None, kd_weight, task_weight)
             loss = task / accum
             if micro == 0:  # the budget term depends on the masks only: once per step
                 params = masks.param_count(counter)

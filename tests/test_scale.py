@@ -1,6 +1,5 @@
 """Data-parallel search, resume after a kill, and joint mode."""
 
-import dataclasses
 import json
 import os
 import shutil
@@ -94,15 +93,6 @@ def test_resume_refuses_a_state_from_different_settings(calib, tmp_path):
     changed = SearchConfig(steps=20, batch_size=4, save_every=10, layer_score_every=10, score_blocks=8, lr=0.05)
     with pytest.raises(DMSError, match=r"different settings \(search\)"):
         fresh_run(calib, changed, state_dir=tmp_path / "state", resume=True)
-
-
-def test_resume_refuses_another_calibration_text(calib, tmp_path):
-    # the loss jumped from ~2 to ~5.5 when a state resumed on another file without a word
-    config = SearchConfig(steps=20, batch_size=4, save_every=10, layer_score_every=10, score_blocks=8)
-    fresh_run(calib, config, state_dir=tmp_path / "state")
-    other = dataclasses.replace(calib, calib=calib.calib.flip(1))  # same shape, other tokens
-    with pytest.raises(DMSError, match=r"different settings \(calibration\)"):
-        fresh_run(other, config, state_dir=tmp_path / "state", resume=True)
 
 
 @pytest.mark.slow

@@ -1,0 +1,197 @@
+"""Quality in and out of the calibration domain: DMS's losses against the peers, as pruned and after
+the same recovery, over seeds.
+
+stories260K calibrated on TinyStories (`validation_a.txt`: its head is the calibration text, its
+held-out tail the in-domain test), WikiText-2 test out of domain; ratios 0.2 / 0.3 / 0.5, seeds 0-2
+(the seed picks the calibration blocks and the search's randomness). Every row goes through
+``dms_llm.prune`` with ``PruneConfig()`` defaults plus the row's settings, so "DMS" here is what the
+CLI runs. Column (b) is the same recovery for every method: LoRA r=8 on all projections, KL
+distillation from the dense model, on the calibration text. Wall time and peak RSS per prune.
+
+    python eval/benchmark_quality.py                      # ~35 minutes on 2 CPU cores
+    python eval/benchmark_quality.py --seeds 0 --ratios 0.3 --rows "dms task,flap"   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dms_llm.config import PruneConfig, RecoverConfig, apply_overrides  # noqa: E402
+from dms_llm.data import load_text, tokenize_text  # noqa: E402
+from dms_llm.evaluate import perplexity  # noqa: E402
+from dms_llm.pipeline import prune  # noqa: E402
+from dms_llm.recover import recover, recovery_teacher  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+ROWS = {  # label -> key=value settings on top of PruneConfig()
+    "dms task": ["search.loss=task"],
+    "dms kd": ["search.loss=kd"],
+    "dms task+kd": ["search.loss=task+kd"],
+    "flap": ["method=flap"],
+    "taylor": ["method=taylor"],
+    "shortgpt": ["method=shortgpt"],
+}
+
+
+def portable(text: str) -> str:
+    """Paths in results files relative to the repository (no machine's own paths)."""
+    return text.replace(str(ROOT) + "/", "").replace(str(ROOT.parent), "..")
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(SHARED / "models" / "stories260K"))
+    parser.add_argument("--calib", default=str(SHARED / "text" / "tinystories" / "validation_a.txt"))
+    parser.add_argument("--wikitext", default=str(SHARED / "text" / "wikitext2" / "wiki.test.raw.txt"))
+    parser.add_argument("--ratios", default="0.2,0.3,0.5")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma list of row labels")
+    parser.add_argument("--recover-steps", type=int, default=100)
+    parser.add_argument("--eval-seq-len", type=int, default=256)
+    parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "quality"))
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    wikitext = tokenize_text(tokenizer, load_text(args.wikitext))
+    recovery = RecoverConfig(method="lora", data=args.calib, steps=args.recover_steps, distill=True, lr=2e-3)
+    dense = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    rows: list[dict] = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        recovery_data, teacher = recovery_teacher(dense, tokenizer, recovery, seed)  # one pass, shared by all
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            for label in args.rows.split(","):
+                config = apply_overrides(PruneConfig(ratio=ratio, seed=seed), ROWS[label]).validate()
+                config.data.calib = args.calib
+                config.eval.seq_len = args.eval_seq_len
+                model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+                start = time.perf_counter()
+                with PeakRSS() as memory:
+                    model, report = prune(model, tokenizer, config, progress=False)
+                seconds = time.perf_counter() - start
+                pruned = {"in": report.perplexity["pruned"], "out": perplexity(model, wikitext, args.eval_seq_len)}
+                model, _ = recover(model, tokenizer, recovery, teacher, seed, progress=False, data=recovery_data)
+                heldout = _heldout(tokenizer, config, seed)
+                recovered = {
+                    "in": perplexity(model, heldout, args.eval_seq_len),
+                    "out": perplexity(model, wikitext, args.eval_seq_len),
+                }
+                row = {"row": label, "ratio": ratio, "seed": seed, "params": report.params["after"],
+                       "pruned": pruned, "recovered": recovered, "seconds": round(seconds, 2),
+                       "peak_rss_mib": round(memory.peak / 2**20, 1)}  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    dense_ppl = {"in": perplexity(dense, _heldout(tokenizer, PruneConfig(), 0, args.calib), args.eval_seq_len),
+                 "out": perplexity(dense, wikitext, args.eval_seq_len)}  # fmt: skip
+    write(Path(args.out), rows, dense_ppl, args)
+
+
+def _heldout(tokenizer, config: PruneConfig, seed: int, calib: str | None = None) -> torch.Tensor:
+    from dms_llm.data import calibration_blocks
+
+    if calib:
+        config.data.calib = calib
+    return calibration_blocks(tokenizer, config.data, seed).heldout  # the tail: the same for every seed
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean over seeds per (row, ratio), with the seed spread (max / min) out of domain."""
+    table = []
+    for key in dict.fromkeys((r["row"], r["ratio"]) for r in rows):
+        group = [r for r in rows if (r["row"], r["ratio"]) == key]
+        entry = {"row": key[0], "ratio": key[1], "seeds": len(group)}
+        for stage in ("pruned", "recovered"):
+            for domain in ("in", "out"):
+                values = [r[stage][domain] for r in group]
+                entry[f"{stage}_{domain}"] = statistics.mean(values)
+                entry[f"{stage}_{domain}_spread"] = max(values) / min(values)
+        entry["seconds"] = statistics.mean(r["seconds"] for r in group)
+        entry["peak_rss_mib"] = max(r["peak_rss_mib"] for r in group)
+        table.append(entry)
+    return table
+
+
+def write(out: Path, rows: list[dict], dense: dict, args) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = summarise(rows)
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    payload = {"machine": machine, "command": "python eval/benchmark_quality.py " + " ".join(sys.argv[1:]),
+               "dense": dense, "recover_steps": args.recover_steps, "summary": table, "rows": rows}  # fmt: skip
+    out.with_suffix(".json").write_text(portable(json.dumps(payload, indent=2)) + "\n")
+    lines = [
+        f"stories260K calibrated on TinyStories; perplexity (seq {args.eval_seq_len}) on its held-out tail (in "
+        f"domain) / WikiText-2 test (out of domain), mean over seeds {args.seeds}; dense {dense['in']:.2f} / "
+        f"{dense['out']:.1f}. (b): LoRA r=8 + KL distillation from the dense model, {args.recover_steps} steps "
+        "of 8 x 256 tokens of the calibration text, the same for every row. Spread: max / min over seeds, out of "
+        "domain. Lower is better; bold = best at that ratio.",
+        "",
+        "| ratio | method | params | (a) as pruned | spread | (b) recovered | spread | prune s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for ratio in dict.fromkeys(e["ratio"] for e in table):
+        group = [e for e in table if e["ratio"] == ratio]
+        best = {k: min(e[k] for e in group) for k in ("pruned_in", "pruned_out", "recovered_in", "recovered_out")}
+
+        def cell(entry, stage, best=best):
+            parts = []
+            for domain, fmt in (("in", "{:.2f}"), ("out", "{:.0f}")):
+                value = entry[f"{stage}_{domain}"]
+                text = fmt.format(value)
+                parts.append(f"**{text}**" if value == best[f"{stage}_{domain}"] else text)
+            return " / ".join(parts)
+
+        for e in group:
+            params = next(r["params"] for r in rows if r["row"] == e["row"] and r["ratio"] == ratio)
+            lines.append(
+                f"| {ratio} | {e['row']} | {params:,} | {cell(e, 'pruned')} | {e['pruned_out_spread']:.2f} | "
+                f"{cell(e, 'recovered')} | {e['recovered_out_spread']:.2f} | {e['seconds']:.1f} | "
+                f"{e['peak_rss_mib']:.0f} |"
+            )
+    lines += ["", f"Machine: {machine}. Command: `{payload['command'].strip()}`."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
