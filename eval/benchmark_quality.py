@@ -8,8 +8,14 @@ held-out tail the in-domain test), WikiText-2 test out of domain; ratios 0.2 / 0
 CLI runs. Column (b) is the same recovery for every method: LoRA r=8 on all projections, KL
 distillation from the dense model, on the calibration text. Wall time and peak RSS per prune.
 
-    python eval/benchmark_quality.py                      # ~35 minutes on 2 CPU cores
+    python eval/benchmark_quality.py                      # ~60 minutes on 2 CPU cores
     python eval/benchmark_quality.py --seeds 0 --ratios 0.3 --rows "dms task,flap"   # a quick look
+
+The seeds are independent, so they may run as separate processes and be merged (what produced the
+committed results on 2 cores; the per-prune seconds are then those of one thread):
+
+    for s in 0 1 2; do python eval/benchmark_quality.py --seeds $s --threads 1 --out /tmp/q$s & done; wait
+    python eval/benchmark_quality.py --merge /tmp/q0.json /tmp/q1.json /tmp/q2.json
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ ROWS = {  # label -> key=value settings on top of PruneConfig()
     "dms task": ["search.loss=task"],
     "dms kd": ["search.loss=kd"],
     "dms task+kd": ["search.loss=task+kd"],
+    "dms joint task+kd": ["search.mode=joint", "search.loss=task+kd", "search.weight_lr=1e-3"],
     "flap": ["method=flap"],
     "taylor": ["method=taylor"],
     "shortgpt": ["method=shortgpt"],
@@ -84,7 +91,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ratios", default="0.2,0.3,0.5")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma list of row labels")
-    parser.add_argument("--recover-steps", type=int, default=100)
+    parser.add_argument("--recover-steps", type=int, default=50)
+    parser.add_argument("--wikitext-tokens", type=int, default=131072, help="first N tokens of WikiText-2 test")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--merge", nargs="+", help="combine the JSON files of separate runs into one table")
     parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "quality"))
     return parser.parse_args()
@@ -92,9 +102,16 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.merge:
+        parts = [json.loads(Path(file).read_text()) for file in args.merge]
+        rows = sorted((r for part in parts for r in part["rows"]), key=lambda r: (r["ratio"], r["seed"]))
+        args.seeds = ",".join(str(s) for s in sorted({r["seed"] for r in rows}))
+        args.recover_steps, args.wikitext_tokens = parts[0]["recover_steps"], parts[0]["wikitext_tokens"]
+        return write(Path(args.out), rows, parts[0]["dense"], args, parts[0]["machine"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    wikitext = tokenize_text(tokenizer, load_text(args.wikitext))
+    wikitext = tokenize_text(tokenizer, load_text(args.wikitext))[: args.wikitext_tokens]
     recovery = RecoverConfig(method="lora", data=args.calib, steps=args.recover_steps, distill=True, lr=2e-3)
     dense = AutoModelForCausalLM.from_pretrained(args.model).eval()
     rows: list[dict] = []
@@ -124,7 +141,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     dense_ppl = {"in": perplexity(dense, _heldout(tokenizer, PruneConfig(), 0, args.calib), args.eval_seq_len),
                  "out": perplexity(dense, wikitext, args.eval_seq_len)}  # fmt: skip
-    write(Path(args.out), rows, dense_ppl, args)
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    write(Path(args.out), rows, dense_ppl, args, machine)
 
 
 def _heldout(tokenizer, config: PruneConfig, seed: int, calib: str | None = None) -> torch.Tensor:
@@ -152,16 +170,20 @@ def summarise(rows: list[dict]) -> list[dict]:
     return table
 
 
-def write(out: Path, rows: list[dict], dense: dict, args) -> None:
+def write(out: Path, rows: list[dict], dense: dict, args, machine: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
+    machine = machine.replace(" 1 threads", " 1 thread")
     table = summarise(rows)
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    payload = {"machine": machine, "command": "python eval/benchmark_quality.py " + " ".join(sys.argv[1:]),
-               "dense": dense, "recover_steps": args.recover_steps, "summary": table, "rows": rows}  # fmt: skip
+    command = "python eval/benchmark_quality.py " + " ".join(sys.argv[1:])
+    if args.merge:  # the per-seed runs of the docstring
+        command = "python eval/benchmark_quality.py --seeds S --threads 1` per seed, then `--merge"
+    payload = {"machine": machine, "command": command, "dense": dense, "recover_steps": args.recover_steps,
+               "wikitext_tokens": args.wikitext_tokens, "summary": table, "rows": rows}  # fmt: skip
     out.with_suffix(".json").write_text(portable(json.dumps(payload, indent=2)) + "\n")
     lines = [
         f"stories260K calibrated on TinyStories; perplexity (seq {args.eval_seq_len}) on its held-out tail (in "
-        f"domain) / WikiText-2 test (out of domain), mean over seeds {args.seeds}; dense {dense['in']:.2f} / "
+        f"domain) / the first {args.wikitext_tokens:,} tokens of WikiText-2 test (out of domain), mean over seeds "
+        f"{args.seeds}; dense {dense['in']:.2f} / "
         f"{dense['out']:.1f}. (b): LoRA r=8 + KL distillation from the dense model, {args.recover_steps} steps "
         "of 8 x 256 tokens of the calibration text, the same for every row. Spread: max / min over seeds, out of "
         "domain. Lower is better; bold = best at that ratio.",
