@@ -30,22 +30,16 @@ def prune_args(argv):
 
 @pytest.mark.slow
 def test_prune_end_to_end_on_stories260k(tmp_path):
+    # the README's example command, at the defaults; its architecture and size must be the README's
     require_shared()
+    from test_readme import update_readme
+
+    readme_tool = update_readme()
     out = tmp_path / "pruned"
-    result = dms_llm(
-        "prune",
-        str(STORIES),
-        "--ratio",
-        "0.2",
-        "--calib",
-        str(TINYSTORIES),
-        "--output-dir",
-        str(out),
-        "--quiet",
-        "search.steps=60",
-        "data.num_blocks=64",
-        "eval.seq_len=256",
-    )
+    result = dms_llm(*readme_tool.PRUNE_ARGS, "--output-dir", str(out))
+    shown = next(m["body"] for m in readme_tool.BLOCK.finditer((ROOT / "README.md").read_text())
+                 if m["key"] == "prune-example")  # fmt: skip
+    assert readme_tool.architecture(result.stdout) == readme_tool.architecture(shown), result.stdout
     assert result.returncode == 0, result.stderr[-3000:]
     assert "perplexity (validation_a.txt, held-out tail, seq 256): dense" in result.stdout
     assert f"saved to {out}" in result.stdout

@@ -17,11 +17,16 @@ from dms_llm.errors import DMSError
 from dms_llm.hub import push_to_hub
 
 
-@pytest.fixture
-def checkpoint(tmp_path, stories):
-    """A per-layer pruned stories260K with report.json and eval.json, as `prune --eval` writes it."""
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A per-layer pruned stories260K with report.json and eval.json, as `prune --eval` writes it
+    (built once: every test only reads it, and the push tests check that they did)."""
     require_shared()
-    model, tokenizer = stories
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(STORIES)
+    tmp_path = tmp_path_factory.mktemp("hub")
     config = PruneConfig.from_dict(
         {
             "ratio": 0.3,
