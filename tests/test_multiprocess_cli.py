@@ -65,6 +65,20 @@ LAUNCHERS = {
 
 
 @pytest.mark.slow
+def test_two_rank_distilled_search_finds_the_one_process_architecture(tmp_path):
+    # --loss kd: every rank takes the dense targets of all blocks and selects its own rows each step
+    require_shared()
+    distilled = [*PRUNE, "--loss", "kd", "--no-eval"]
+    one = _run([sys.executable, "-m", "dms_llm", *distilled, "-o", "one", "search.grad_accum=2"], tmp_path)
+    two = _run([*LAUNCHERS["torchrun"](), *distilled, "-o", "two"], tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
+    assert reports[0]["settings"]["search"]["loss"] == "kd" and reports[1]["search"]["processes"] == 2
+    assert reports[0]["architecture"] == reports[1]["architecture"]
+    assert reports[0]["params"] == reports[1]["params"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_rank_cli_writes_one_complete_folder_with_the_one_process_architecture(launcher, one_process, tmp_path):
     done = _run([*LAUNCHERS[launcher](), *PRUNE, "-o", "out"], tmp_path)
