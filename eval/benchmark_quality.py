@@ -36,8 +36,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dms_llm.config import PruneConfig, RecoverConfig, apply_overrides  # noqa: E402
-from dms_llm.data import load_text, tokenize_text  # noqa: E402
+from results_io import portable  # noqa: E402 (eval/, beside this script)
+
+from dms_llm.config import DataConfig, PruneConfig, RecoverConfig, apply_overrides  # noqa: E402
+from dms_llm.data import calibration_blocks, load_text, tokenize_text  # noqa: E402
 from dms_llm.evaluate import perplexity  # noqa: E402
 from dms_llm.pipeline import prune  # noqa: E402
 from dms_llm.recover import recover, recovery_teacher  # noqa: E402
@@ -52,11 +54,6 @@ ROWS = {  # label -> key=value settings on top of PruneConfig()
     "taylor": ["method=taylor"],
     "shortgpt": ["method=shortgpt"],
 }
-
-
-def portable(text: str) -> str:
-    """Paths in results files relative to the repository (no machine's own paths)."""
-    return text.replace(str(ROOT) + "/", "").replace(str(ROOT.parent), "..")
 
 
 class PeakRSS:
@@ -114,6 +111,8 @@ def main() -> None:
     wikitext = tokenize_text(tokenizer, load_text(args.wikitext))[: args.wikitext_tokens]
     recovery = RecoverConfig(method="lora", data=args.calib, steps=args.recover_steps, distill=True, lr=2e-3)
     dense = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    # the held-out tail of the calibration text: the same for every seed (the seed picks blocks from the head)
+    heldout = calibration_blocks(tokenizer, DataConfig(calib=args.calib), 0).heldout
     rows: list[dict] = []
     for seed in (int(s) for s in args.seeds.split(",")):
         recovery_data, teacher = recovery_teacher(dense, tokenizer, recovery, seed)  # one pass, shared by all
@@ -129,9 +128,8 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 pruned = {"in": report.perplexity["pruned"], "out": perplexity(model, wikitext, args.eval_seq_len)}
                 model, _ = recover(model, tokenizer, recovery, teacher, seed, progress=False, data=recovery_data)
-                heldout = _heldout(tokenizer, config, seed)
                 recovered = {
-                    "in": perplexity(model, heldout, args.eval_seq_len),
+                    "in": perplexity(model, heldout, args.eval_seq_len),  # the tail: the same for every row
                     "out": perplexity(model, wikitext, args.eval_seq_len),
                 }
                 row = {"row": label, "ratio": ratio, "seed": seed, "params": report.params["after"],
@@ -139,18 +137,10 @@ def main() -> None:
                        "peak_rss_mib": round(memory.peak / 2**20, 1)}  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    dense_ppl = {"in": perplexity(dense, _heldout(tokenizer, PruneConfig(), 0, args.calib), args.eval_seq_len),
+    dense_ppl = {"in": perplexity(dense, heldout, args.eval_seq_len),
                  "out": perplexity(dense, wikitext, args.eval_seq_len)}  # fmt: skip
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     write(Path(args.out), rows, dense_ppl, args, machine)
-
-
-def _heldout(tokenizer, config: PruneConfig, seed: int, calib: str | None = None) -> torch.Tensor:
-    from dms_llm.data import calibration_blocks
-
-    if calib:
-        config.data.calib = calib
-    return calibration_blocks(tokenizer, config.data, seed).heldout  # the tail: the same for every seed
 
 
 def summarise(rows: list[dict]) -> list[dict]:

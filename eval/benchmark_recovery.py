@@ -26,14 +26,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def portable(text: str) -> str:
-    """Paths in results files relative to the repository (no machine's own paths)."""
-    return text.replace(str(ROOT) + "/", "").replace(str(ROOT.parent), "..")
-
-
 sys.path.insert(0, str(ROOT))
 
 from benchmark_methods import dms_config, run_dms  # noqa: E402
+from results_io import portable  # noqa: E402 (eval/, beside this script)
 
 from dms_llm import calibration_blocks, load_text, perplexity, tokenize_text  # noqa: E402
 from dms_llm.adapters import get_adapter  # noqa: E402

@@ -25,14 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def portable(text: str) -> str:
-    """Paths in results files relative to the repository (no machine's own paths)."""
-    return text.replace(str(ROOT) + "/", "").replace(str(ROOT.parent), "..")
-
-
 sys.path.insert(0, str(ROOT))
 
 from benchmark_overhead import CONFIGS  # noqa: E402
+from results_io import portable  # noqa: E402 (eval/, beside this script)
 
 from dms_llm.architecture import Architecture  # noqa: E402
 from dms_llm.budget import ParamCounter, resolve_budget  # noqa: E402

@@ -36,13 +36,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def portable(text: str) -> str:
-    """Paths in results files relative to the repository (no machine's own paths)."""
-    return text.replace(str(ROOT) + "/", "").replace(str(ROOT.parent), "..")
-
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import gguf_models  # noqa: E402  (beside this script)
+from results_io import portable  # noqa: E402 (eval/, beside this script)
 
 SHARED = ROOT.parent / "shared" / "data"
 STORIES = SHARED / "models" / "stories260K"
