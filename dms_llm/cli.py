@@ -37,7 +37,11 @@ PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--layout": ("layout", str, "per_layer (default) or uniform (stock config, loads anywhere)"),
     "--channel-multiple": ("channel_multiple", int, "kept MLP widths in multiples of M (32: q8_0, 256: k-quants)"),
     "--seed": ("seed", int, "random seed"),
-    "--mode": ("search.mode", str, "structure (weights frozen, default) or joint (weights train too)"),
+    "--mode": (
+        "search.mode",
+        str,
+        "structure (weights frozen, default), lora (LoRA adapters train too) or joint (all weights train)",
+    ),
     "--loss": ("search.loss", str, "search loss: task (cross-entropy), kd (KL to the dense model) or task+kd"),
     "--method": ("method", str, "dms (default), or a peer's criterion: flap, taylor, magnitude, shortgpt, random"),
     "--grad-accum": ("search.grad_accum", int, "micro-batches per step and process"),

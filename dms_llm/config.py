@@ -42,6 +42,7 @@ class DataConfig:
 
 
 LOSSES = ("task", "kd", "task+kd")
+SEARCH_MODES = ("structure", "joint", "lora")
 METHODS = ("dms", "flap", "taylor", "magnitude", "shortgpt", "random")
 
 
@@ -49,7 +50,8 @@ METHODS = ("dms", "flap", "taylor", "magnitude", "shortgpt", "random")
 class SearchConfig:
     """The DMS calibration loop."""
 
-    mode: str = "structure"  # weights frozen, only keep ratios learn; "joint": weights train too
+    mode: str = "structure"  # weights frozen, only keep ratios learn; "joint": weights train too;
+    # "lora": LoRA adapters train with the ratios (frozen weights), merged before slicing
     steps: int = 300
     batch_size: int = 8  # blocks per micro-batch and process
     grad_accum: int = 1  # micro-batches per step and process
@@ -72,9 +74,16 @@ class SearchConfig:
     weight_lr: float = 1e-4  # joint mode: learning rate of the weights
     distill_weight: float = 1.0  # weight of the KL to the dense model (the same weights, masks off)
     distill_topk: int = 64  # teacher log-probabilities kept per token (the rest is one bucket)
+    lora_r: int = 8  # lora mode: adapter rank
+    lora_alpha: int = 16
+    lora_lr: float = 3e-3  # lora mode: learning rate of the adapters
 
     def validate(self) -> None:
-        _check(self.mode in ("structure", "joint"), f"search.mode must be structure or joint, got {self.mode!r}")
+        _check(self.mode in SEARCH_MODES, f"search.mode must be one of {', '.join(SEARCH_MODES)}, got {self.mode!r}")
+        _check(
+            self.lora_r >= 1 and self.lora_alpha > 0 and self.lora_lr > 0,
+            "search.lora_r >= 1, lora_alpha > 0, lora_lr > 0",
+        )
         _check(self.grad_accum >= 1 and self.save_every >= 0, "search.grad_accum >= 1 and search.save_every >= 0")
         _check(self.weight_lr > 0 and self.distill_weight >= 0, "search.weight_lr > 0, search.distill_weight >= 0")
         _check(self.distill_topk >= 1, "search.distill_topk must be at least 1")

@@ -135,6 +135,14 @@ class MaskSet:
         self._handles.clear()
         self.active = None
 
+    def reattach(self) -> None:
+        """Hook the model's current projections again, after something replaced them (LoRA
+        wrappers put in or merged away): the masks must scale what the new modules receive."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._attach()
+
     # ---- masks -------------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
         """The learnable keep ratios (what the search optimises)."""

@@ -15,7 +15,9 @@ Schedule over ``steps``:
 Each step averages ``grad_accum`` micro-batches on every data-parallel rank: keep-ratio gradients
 are averaged and squared mask gradients summed over micro-batches and ranks, so every rank holds
 identical masks, and one process with ``grad_accum = N`` reproduces N processes exactly. In
-``joint`` mode the weights train too (optionally distilled from the dense teacher). With a
+``joint`` mode the weights train too (optionally distilled from the dense teacher); in ``lora``
+mode LoRA adapters train with the ratios on the frozen weights and are merged into them at the end
+(``search_adapters``), so the landed model is a plain one of the same shapes. With a
 ``state_dir`` the state is saved every ``save_every`` steps and ``resume`` continues from it.
 
 Example:
@@ -45,6 +47,7 @@ from .layer_scores import ScoreBudget, measure_layer_scores
 from .losses import CausalLMLoss, TeacherTargets
 from .masks import MaskSet
 from .refit import count_params
+from .search_adapters import adapter_state, attach_search_adapters, merge_search_adapters
 from .search_state import load_state, restore_state, save_state, saved_weights
 from .sharding import is_sharded, local_weight_bytes, replicated_parameters
 from .structure import guard_layers, land, snap_uniform_heads
@@ -105,22 +108,30 @@ def search(
     state_dir: str | Path | None = None,
     resume: bool = False,
     on_step: Callable[[int, dict], None] | None = None,
+    keep_adapters: bool = False,
 ) -> SearchResult:
     """Run the DMS search on ``blocks`` (N, seq_len); returns the landed architecture.
 
-    ``teacher``: the dense model's targets on ``blocks`` (joint mode distils from them).
+    ``teacher``: the dense model's targets on ``blocks`` (the kd losses distil from them).
+    ``keep_adapters``: lora mode leaves its adapters unmerged (and the masks hooked on them).
     """
     accelerator = accelerator or Accelerator()
     sharded = is_sharded(model)
     check_distributed(accelerator, sharded)
     torch.manual_seed(seed)
-    joint = config.mode == "joint"
+    joint, lora = config.mode == "joint", config.mode == "lora"
+    if lora and sharded:
+        raise DMSError("search.mode=lora does not run on a sharded (--shard) model; use --mode structure or joint")
     if joint and sharded and resume:
         raise DMSError(
             "a sharded joint search keeps no resumable state (its trained weights are split over the ranks); "
             "rerun without --resume"
         )
     model.requires_grad_(joint)
+    adapters: list[nn.Parameter] = []
+    if lora:  # wrappers replace the projections: the masks must hook the wrappers instead
+        adapters = attach_search_adapters(model, masks.adapter, config)
+        masks.reattach()
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # transformers only checkpoints in training mode; Llama-family models have no dropout
@@ -131,6 +142,8 @@ def search(
         optimizers["weights"] = torch.optim.AdamW(model.parameters(), lr=config.weight_lr, weight_decay=0.0)
         if accelerator.num_processes > 1 and not sharded:
             forward = accelerator.prepare_model(forward)  # DDP: weight grads sync
+    if lora:
+        optimizers["weights"] = torch.optim.AdamW(adapters, lr=config.lora_lr, weight_decay=0.0)
     kd_weight = config.distill_weight if ("kd" in config.loss and teacher is not None) else 0.0
     if "kd" in config.loss and teacher is None:
         raise DMSError(f"search.loss={config.loss} needs the dense model's targets (teacher_targets)")
@@ -155,7 +168,7 @@ def search(
     if resume and state_dir is not None and (state := load_state(state_dir)) is not None:
         tensors, meta = state
         start_step = restore_state(tensors, meta, masks, optimizers, fingerprint)
-        if joint:
+        if joint or lora:
             model.load_state_dict(saved_weights(tensors), strict=False)
         result.history, result.layer_decisions = meta["history"], meta["layer_decisions"]
     start = time.perf_counter()
@@ -194,7 +207,8 @@ def search(
         masks.update_importance(config.importance_beta, reduce)
         if world > 1:
             # FSDP averages the gradients of its shards itself; the replicated tensors are averaged here
-            replicated = list(masks.parameters()) + (replicated_parameters(model) if joint and sharded else [])
+            replicated = list(masks.parameters()) + adapters
+            replicated += replicated_parameters(model) if joint and sharded else []
             for parameter in replicated:
                 if parameter.grad is not None:
                     parameter.grad = accelerator.reduce(parameter.grad, "mean")
@@ -216,7 +230,7 @@ def search(
         saves = state_dir is not None and config.save_every and not (joint and sharded)
         if saves and (step + 1) % config.save_every == 0:
             if accelerator.is_main_process:
-                weights = model.state_dict() if joint else None
+                weights = model.state_dict() if joint else (adapter_state(model) if lora else None)
                 save_state(
                     state_dir,
                     step + 1,
@@ -245,6 +259,9 @@ def search(
         model.gradient_checkpointing_disable()
     model.requires_grad_(False)
     model.eval()
+    if lora and not keep_adapters:
+        merge_search_adapters(model)
+        masks.reattach()
     return result
 
 
