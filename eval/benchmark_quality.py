@@ -49,6 +49,8 @@ ROWS = {  # label -> key=value settings on top of PruneConfig()
     "dms task": ["search.loss=task"],
     "dms kd": ["search.loss=kd"],
     "dms task+kd": ["search.loss=task+kd"],
+    "dms lora task": ["search.mode=lora", "search.loss=task"],
+    "dms lora task+kd": ["search.mode=lora", "search.loss=task+kd"],
     "dms joint task+kd": ["search.mode=joint", "search.loss=task+kd", "search.weight_lr=1e-3"],
     "flap": ["method=flap"],
     "taylor": ["method=taylor"],
@@ -101,7 +103,10 @@ def main() -> None:
     args = parse_args()
     if args.merge:
         parts = [json.loads(Path(file).read_text()) for file in args.merge]
-        rows = sorted((r for part in parts for r in part["rows"]), key=lambda r: (r["ratio"], r["seed"]))
+        order = list(ROWS)  # the table lists the rows in ROWS's order, whichever run they came from
+        rows = sorted(
+            (r for part in parts for r in part["rows"]), key=lambda r: (r["ratio"], order.index(r["row"]), r["seed"])
+        )
         args.seeds = ",".join(str(s) for s in sorted({r["seed"] for r in rows}))
         args.recover_steps, args.wikitext_tokens = parts[0]["recover_steps"], parts[0]["wikitext_tokens"]
         return write(Path(args.out), rows, parts[0]["dense"], args, parts[0]["machine"])

@@ -117,3 +117,16 @@ def test_lora_mode_prunes_end_to_end_from_the_cli(tmp_path, monkeypatch, capsys)
     heldout = calibration_blocks(tokenizer, DataConfig(calib=str(TINYSTORIES), num_blocks=32), seed=0).heldout
     saved = perplexity(model.eval(), heldout, report["perplexity"]["seq_len"], 8)
     assert saved == pytest.approx(report["perplexity"]["pruned"], rel=1e-4)
+
+
+def test_a_bfloat16_model_trains_float32_adapters_and_merges_back_to_bfloat16():
+    model = make_tiny("llama_gqa").to(torch.bfloat16)
+    blocks = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(0))
+    masks, result = _lora_search(model, blocks, steps=6, layer_score_every=3)
+    adapters = [p for name, p in model.named_parameters() if "lora_" in name]
+    assert adapters and all(p.dtype == torch.float32 for p in adapters)  # Adam in bf16 loses small updates
+    masks.remove()
+    merge_search_adapters(model)
+    slice_model(model, result.architecture)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert sum(p.numel() for p in model.parameters()) == result.params
