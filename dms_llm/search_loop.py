@@ -17,7 +17,9 @@ are averaged and squared mask gradients summed over micro-batches and ranks, so 
 identical masks, and one process with ``grad_accum = N`` reproduces N processes exactly. In
 ``joint`` mode the weights train too (optionally distilled from the dense teacher); in ``lora``
 mode LoRA adapters train with the ratios on the frozen weights and are merged into them at the end
-(``search_adapters``), so the landed model is a plain one of the same shapes. With a
+(``search_adapters``), so the landed model is a plain one of the same shapes; the adapters are
+averaged over ranks like the ratios (one process then matches N ranks up to rounding, which the
+trained adapters carry from step to step). With a
 ``state_dir`` the state is saved every ``save_every`` steps and ``resume`` continues from it.
 
 Example:

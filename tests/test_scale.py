@@ -126,7 +126,7 @@ def test_prune_command_killed_mid_search_resumes_to_the_same_model(tmp_path):
             str(out),
             "--quiet",
             "--no-eval",
-            "search.steps=200",
+            "search.steps=100",
             "search.save_every=20",
             "data.num_blocks=64",
             *extra,
