@@ -57,15 +57,15 @@ def test_two_process_search_matches_one_process_with_two_micro_batches(tmp_path,
         # summation order differs (all-reduce vs accumulation) by ~1 ulp; the trained adapters
         # carry it from step to step, so late channel choices may differ: the masks' path is
         # compared while it is the same, and the losses over that part to 1e-2
-        assert alone["params"][:30] == rank0["params"][:30]
+        assert alone["params"][:24] == rank0["params"][:24]
         torch.testing.assert_close(
-            torch.tensor(alone["losses"][:30]), torch.tensor(mean_losses[:30]), atol=1e-2, rtol=0
+            torch.tensor(alone["losses"][:24]), torch.tensor(mean_losses[:24]), atol=1e-2, rtol=0
         )
         return
     # one process over the same blocks (2 micro-batches per step) finds the same structure
     assert alone["architecture"] == rank0["architecture"]
     for kind, values in alone["ratios"].items():
-        # summation order differs (all-reduce vs accumulation): ~1e-4 after 40 Adam steps
+        # summation order differs (all-reduce vs accumulation): ~1e-4 after 32 Adam steps
         torch.testing.assert_close(torch.tensor(values), torch.tensor(rank0["ratios"][kind]), atol=1e-3, rtol=0)
     torch.testing.assert_close(torch.tensor(alone["losses"]), torch.tensor(mean_losses), atol=1e-4, rtol=0)
 
@@ -126,7 +126,7 @@ def test_prune_command_killed_mid_search_resumes_to_the_same_model(tmp_path):
             str(out),
             "--quiet",
             "--no-eval",
-            "search.steps=100",
+            "search.steps=60",
             "search.save_every=20",
             "data.num_blocks=64",
             *extra,
