@@ -30,19 +30,12 @@ from .data import CalibrationData, calibration_blocks
 from .errors import DMSError
 from .evaluate import perplexity
 from .losses import TeacherTargets, causal_lm_loss, teacher_targets
-
-
-def _peft():
-    try:
-        import peft
-    except ImportError:
-        raise DMSError("LoRA recovery needs peft: pip install 'dms-llm[lora]'") from None
-    return peft
+from .search_adapters import require_peft
 
 
 def attach_lora(model: nn.Module, config: RecoverConfig) -> nn.Module:
     """Wrap ``model`` with LoRA adapters on ``config.target_modules`` (base weights frozen)."""
-    peft = _peft()
+    peft = require_peft()
     lora = peft.LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,

@@ -31,20 +31,19 @@ from .errors import DMSError
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def _lora_layer_type():
+def require_peft():
+    """peft, or one clear line on how to install it (LoRA recovery and the lora search need it)."""
     try:
-        from peft.tuners.lora import LoraLayer
+        import peft
     except ImportError:
-        raise DMSError("search.mode=lora needs peft: pip install 'dms-llm[lora]'") from None
-    return LoraLayer
+        raise DMSError("LoRA needs peft: pip install 'dms-llm[lora]'") from None
+    return peft
 
 
 def attach_search_adapters(model: nn.Module, adapter: FamilyAdapter, config: SearchConfig) -> list[nn.Parameter]:
     """Inject LoRA adapters into every decoder projection of ``model`` in place; returns the
     adapters' parameters (float32 or wider, trainable). Every base weight is left frozen."""
-    _lora_layer_type()
-    import peft
-
+    peft = require_peft()
     names = sorted({getattr(adapter, f"{role}_proj") for role in ROLES})
     lora = peft.LoraConfig(
         r=config.lora_r,
@@ -78,7 +77,7 @@ def merge_search_adapters(model: nn.Module) -> int:
 
     Each weight is updated in place (its dtype kept), so merging holds no second copy of the model.
     """
-    lora_layer = _lora_layer_type()
+    lora_layer = require_peft().tuners.lora.LoraLayer
     wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, lora_layer)]
     for name, module in wrapped:
         module.merge()

@@ -1,10 +1,9 @@
 """One rank of a data-parallel DMS search on stories260K (run with torchrun, or alone).
 
-    torchrun --standalone --nproc_per_node 2 tests/dp_worker.py OUT_DIR 1 [MODE]
-    python tests/dp_worker.py OUT_DIR 2 [MODE]          # one process, 2 micro-batches per step
+    torchrun --standalone --nproc_per_node 2 tests/dp_worker.py OUT_DIR 1
+    python tests/dp_worker.py OUT_DIR 2          # one process, 2 micro-batches per step
 
-MODE is the search mode (structure, or lora). Writes OUT_DIR/rank{N}.json with the architecture,
-keep ratios, importances and (lora) a checksum of every adapter.
+Writes OUT_DIR/rank{N}.json with the architecture, keep ratios and importances.
 """
 
 import json
@@ -28,7 +27,7 @@ from dms_llm.search_loop import search  # noqa: E402
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def main(out: Path, grad_accum: int, mode: str) -> None:
+def main(out: Path, grad_accum: int) -> None:
     torch.set_num_threads(1)
     accelerator = Accelerator(cpu=True)
     model = AutoModelForCausalLM.from_pretrained(SHARED / "models" / "stories260K").eval()
@@ -37,13 +36,12 @@ def main(out: Path, grad_accum: int, mode: str) -> None:
         tokenizer, DataConfig(calib=str(SHARED / "text" / "tinystories" / "validation_a.txt"), num_blocks=64), 0
     )
     config = SearchConfig(
-        steps=32, batch_size=4, grad_accum=grad_accum, layer_score_every=10, score_blocks=8, save_every=0, mode=mode
+        steps=32, batch_size=4, grad_accum=grad_accum, layer_score_every=10, score_blocks=8, save_every=0
     )
     masks = MaskSet(model)
     counter = ParamCounter.from_model(model, masks.adapter)
     budget = resolve_budget(counter, ratio=0.3)
-    result = search(model, masks, counter, budget, data.calib, config, seed=0, accelerator=accelerator,
-                    progress=False, keep_adapters=True)  # fmt: skip
+    result = search(model, masks, counter, budget, data.calib, config, seed=0, accelerator=accelerator, progress=False)
     record = {
         "rank": accelerator.process_index,
         "world": accelerator.num_processes,
@@ -51,13 +49,10 @@ def main(out: Path, grad_accum: int, mode: str) -> None:
         "ratios": {kind: ratio.detach().tolist() for kind, ratio in masks.keep_ratios.items()},
         "importance": {kind: [group.tolist() for group in groups] for kind, groups in masks.importance.items()},
         "losses": [h["task_loss"] for h in result.history],
-        "params": [h["params"] for h in result.history],
-        "landed_params": result.params,
-        "adapters": {name: p.double().sum().item() for name, p in model.named_parameters() if "lora_" in name},
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "structure")
+    main(Path(sys.argv[1]), int(sys.argv[2]))

@@ -79,6 +79,27 @@ def test_two_rank_distilled_search_finds_the_one_process_architecture(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_rank_lora_search_follows_the_one_process_search(tmp_path):
+    # --mode lora: the adapters' gradients are averaged over the ranks like the keep ratios'. Unaveraged,
+    # each rank's adapters would fit its own half of the blocks and the sizes would part within steps;
+    # averaged, the ranks differ from one process only by summation order, which the trained adapters
+    # carry until a late channel choice may differ
+    require_shared()
+    lora = [*PRUNE, "--mode", "lora", "--loss", "kd", "--no-eval"]
+    one = _run([sys.executable, "-m", "dms_llm", *lora, "-o", "one", "search.grad_accum=2"], tmp_path)
+    two = _run([*LAUNCHERS["torchrun"](), *lora, "-o", "two"], tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # only the main rank wrote
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
+    assert reports[1]["settings"]["search"]["mode"] == "lora" and reports[1]["search"]["processes"] == 2
+    sizes = [[h["params"] for h in report["search"]["history"]] for report in reports]
+    assert sizes[0][:20] == sizes[1][:20]
+    assert reports[0]["params"]["after"] == reports[1]["params"]["after"]
+    with safe_open(tmp_path / "two" / "model.safetensors", "pt") as weights:
+        assert not any("lora" in name for name in list(weights.keys()))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_rank_cli_writes_one_complete_folder_with_the_one_process_architecture(launcher, one_process, tmp_path):
     done = _run([*LAUNCHERS[launcher](), *PRUNE, "-o", "out"], tmp_path)

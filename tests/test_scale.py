@@ -29,44 +29,32 @@ def _env():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["structure", "lora"])
-def test_two_process_search_matches_one_process_with_two_micro_batches(tmp_path, mode):
+def test_two_process_search_matches_one_process_with_two_micro_batches(tmp_path):
     require_shared()
     torchrun = shutil.which("torchrun") or str(sys.executable).replace("python", "torchrun")
     distributed = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path / "dp"), "1", mode],
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path / "dp"), "1"],
         capture_output=True,
         text=True,
         env=_env(),
     )
     assert distributed.returncode == 0, distributed.stderr[-3000:]
     single = subprocess.run(
-        [sys.executable, str(WORKER), str(tmp_path / "single"), "2", mode], capture_output=True, text=True, env=_env()
+        [sys.executable, str(WORKER), str(tmp_path / "single"), "2"], capture_output=True, text=True, env=_env()
     )
     assert single.returncode == 0, single.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / "dp" / f"rank{r}.json").read_text()) for r in (0, 1))
     alone = json.loads((tmp_path / "single" / "rank0.json").read_text())
     assert rank0["world"] == rank1["world"] == 2 and alone["world"] == 1
-    # the ranks agree exactly: same masks, ratios and importances (and adapters) at the end
-    for key in ("architecture", "ratios", "importance", "adapters"):
+    # the ranks agree exactly: same masks, ratios and importances at the end
+    for key in ("architecture", "ratios", "importance"):
         assert rank0[key] == rank1[key], key
-    assert bool(rank0["adapters"]) == (mode == "lora")
-    mean_losses = [(a + b) / 2 for a, b in zip(rank0["losses"], rank1["losses"])]
-    assert alone["landed_params"] == rank0["landed_params"]
-    if mode == "lora":
-        # summation order differs (all-reduce vs accumulation) by ~1 ulp; the trained adapters
-        # carry it from step to step, so late channel choices may differ: the masks' path is
-        # compared while it is the same, and the losses over that part to 1e-2
-        assert alone["params"][:24] == rank0["params"][:24]
-        torch.testing.assert_close(
-            torch.tensor(alone["losses"][:24]), torch.tensor(mean_losses[:24]), atol=1e-2, rtol=0
-        )
-        return
     # one process over the same blocks (2 micro-batches per step) finds the same structure
     assert alone["architecture"] == rank0["architecture"]
     for kind, values in alone["ratios"].items():
         # summation order differs (all-reduce vs accumulation): ~1e-4 after 32 Adam steps
         torch.testing.assert_close(torch.tensor(values), torch.tensor(rank0["ratios"][kind]), atol=1e-3, rtol=0)
+    mean_losses = [(a + b) / 2 for a, b in zip(rank0["losses"], rank1["losses"])]
     torch.testing.assert_close(torch.tensor(alone["losses"]), torch.tensor(mean_losses), atol=1e-4, rtol=0)
 
 
