@@ -178,12 +178,11 @@ def _how_it_was_made(report: dict) -> list[str]:
     lines = ["## How it was made", ""]
     if report.get("command"):
         lines += ["```bash", report["command"], "```", ""]
-    search = settings.get("search", {})
     data = settings.get("data", {})
     lines += [
         f"- targets: {', '.join(settings.get('targets', []))}; layout: {settings.get('layout')}",
         f"- calibration: `{Path(str(data.get('calib'))).name}`, {settings.get('calibration_blocks', '?')} blocks of "
-        f"{data.get('seq_len')} tokens; {search.get('steps')} search steps (structure mode: weights frozen)",
+        f"{data.get('seq_len')} tokens; {_how_searched(settings)}",
         f"- parameter target: {report['params']['target']:,} (ratio {report['params']['ratio_requested']:.3f})",
     ]
     recovery = report.get("recovery")
@@ -198,3 +197,27 @@ def _how_it_was_made(report: dict) -> list[str]:
     if versions:
         lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     return lines + [""]
+
+
+MODE_WORDS = {
+    "structure": "weights frozen",
+    "lora": "LoRA adapters trained with the masks on frozen weights, then merged",
+    "joint": "weights trained with the masks",
+}
+LOSS_WORDS = {
+    "task": "cross-entropy",
+    "kd": "KL to the dense model",
+    "task+kd": "cross-entropy + KL to the dense model",
+}
+
+
+def _how_searched(settings: dict) -> str:
+    """The search as the report resolved it, or the peer criterion that replaced it."""
+    method = settings.get("method") or "dms"
+    if method != "dms":
+        return f"one-shot `{method}` criterion (no search)"
+    search = settings.get("search", {})
+    mode, loss = search.get("mode", "structure"), search.get("loss", "task")
+    return (
+        f"{search.get('steps')} search steps, {mode} mode ({MODE_WORDS.get(mode, mode)}), {LOSS_WORDS.get(loss, loss)}"
+    )

@@ -40,9 +40,15 @@ PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--mode": (
         "search.mode",
         str,
-        "structure (weights frozen, default), lora (LoRA adapters train too) or joint (all weights train)",
+        "auto (default: lora, or structure with --shard), structure (weights frozen), "
+        "lora (LoRA adapters train with the ratios) or joint (all weights train)",
     ),
-    "--loss": ("search.loss", str, "search loss: task (cross-entropy), kd (KL to the dense model) or task+kd"),
+    "--loss": (
+        "search.loss",
+        str,
+        "auto (default: task+kd in lora/joint mode, task in structure mode), task (cross-entropy), "
+        "kd (KL to the dense model) or task+kd",
+    ),
     "--method": ("method", str, "dms (default), or a peer's criterion: flap, taylor, magnitude, shortgpt, random"),
     "--grad-accum": ("search.grad_accum", int, "micro-batches per step and process"),
     "--dtype": ("dtype", str, "auto, float32, bfloat16 or float16"),

@@ -178,22 +178,42 @@ class CausalLMLoss(nn.Module):
 
 @torch.no_grad()
 def teacher_targets(
-    model: nn.Module, blocks: Tensor, topk: int = 64, temperature: float = 1.0, batch_size: int = 8
+    model: nn.Module,
+    blocks: Tensor,
+    topk: int = 64,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    rank: int = 0,
+    world: int = 1,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> TeacherTargets:
-    """Top-k log-probabilities of ``model`` (run it dense: masks off) at every position of ``blocks``."""
+    """Top-k log-probabilities of ``model`` (run it dense: masks off) at every position of ``blocks``.
+
+    With ``world`` > 1 data-parallel ranks, rank ``r`` computes the batches ``r, r + world, ...``
+    (each the same batch one process would run, so the values are the same) and ``reduce`` (a sum
+    over ranks) fills in the rest: every rank ends with all targets for 1/world of the forwards.
+    Every rank runs the same number of forwards (a sharded model's layers are collective).
+    """
     device = model.get_input_embeddings().weight.device
     head = model.get_output_embeddings()
     k = min(topk, head.weight.shape[0])
     rows, positions = blocks.shape[0], blocks.shape[1] - 1
-    indices = torch.empty(rows, positions, k, dtype=torch.int32)
-    logprobs = torch.empty(rows, positions, k, dtype=torch.float32)
+    # zeros where another rank fills in: the sum over ranks is then exact
+    indices = torch.zeros(rows, positions, k, dtype=torch.int32)
+    logprobs = torch.zeros(rows, positions, k, dtype=torch.float32)
     chunk = chunk_positions(head.weight.shape[0])
+    starts = list(range(0, rows, batch_size))
+    rounds = -(-len(starts) // world)  # forwards per rank, the same on every rank
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, rows, batch_size):
+        for turn in range(rounds):
+            position = turn * world + rank
+            start = starts[min(position, len(starts) - 1)]  # past the end: repeat the last batch, unused
             batch = blocks[start : start + batch_size].to(device)
             hidden = decoder_of(model)(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
+            if position >= len(starts):
+                continue
             flat = hidden.reshape(-1, hidden.shape[-1])
             top_values, top_indices = [], []
             for first in range(0, flat.shape[0], chunk):
@@ -206,6 +226,13 @@ def teacher_targets(
             indices[start : start + batch.shape[0]] = torch.cat(top_indices).view(shape)
     finally:
         model.train(was_training)
+    if world > 1:
+        if reduce is None:
+            raise ValueError("teacher_targets over several ranks needs reduce (a sum over the ranks)")
+        for first in range(0, rows, batch_size * 16):  # bounded transfers: a few hundred MB at most
+            part = slice(first, first + batch_size * 16)
+            logprobs[part] = reduce(logprobs[part].to(device)).cpu()
+            indices[part] = reduce(indices[part].to(device)).cpu()
     return TeacherTargets(indices, logprobs, temperature)
 
 

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def prune(
     # A sharded model runs its layers' collectives on every rank, so every rank takes part in the
     # dense evaluations (only main's results are used); a data-parallel one leaves them to main.
     sharded = is_sharded(model)
+    config = dataclasses.replace(config, search=config.search.resolved(sharded))  # "auto" made concrete
     evaluates = main or sharded
     heldout = evaluates and config.eval.heldout and data.heldout.numel() >= seq_len
     dense_ppl = perplexity(model, data.heldout, seq_len, config.eval.batch_size) if heldout else None
@@ -97,7 +99,16 @@ def prune(
         # the dense model is this one before masks exist: its top-k next-token log-probabilities on
         # the calibration blocks, taken once (no copy of the weights, no teacher forward per step)
         settings = config.search
-        search_teacher = teacher_targets(model, data.calib, settings.distill_topk, batch_size=settings.batch_size)
+        world = accelerator.num_processes if accelerator is not None else 1
+        search_teacher = teacher_targets(
+            model,
+            data.calib,
+            settings.distill_topk,
+            batch_size=settings.batch_size,
+            rank=accelerator.process_index if world > 1 else 0,
+            world=world,
+            reduce=(lambda t: accelerator.reduce(t, "sum")) if world > 1 else None,  # each rank takes 1/world
+        )
     if config.method != "dms":
         result = one_shot_result(model, config, counter, budget, data.calib, adapter)
     else:

@@ -120,6 +120,8 @@ def search(
     accelerator = accelerator or Accelerator()
     sharded = is_sharded(model)
     check_distributed(accelerator, sharded)
+    # "auto" made concrete; called without the dense model's targets, an auto loss is the task loss
+    config = config.resolved(sharded, teacher=teacher is not None)
     torch.manual_seed(seed)
     joint, lora = config.mode == "joint", config.mode == "lora"
     if lora and sharded:

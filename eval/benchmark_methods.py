@@ -120,10 +120,15 @@ def main() -> None:
     write_results(Path(args.out), rows, args, config)
 
 
-def dms_config(recipe: str, calib: str) -> PruneConfig:
-    from dms_llm.config import load_recipe
+MEASURED_WITH = ["search.mode=structure", "search.loss=task", "data.num_blocks=512"]
 
-    config = load_recipe(recipe)
+
+def dms_config(recipe: str, calib: str) -> PruneConfig:
+    from dms_llm.config import apply_overrides, load_recipe
+
+    # the settings these results were measured with: structure mode on the task loss over 512
+    # blocks (the defaults until benchmark_quality.py chose lora, task+kd and 1024 blocks)
+    config = apply_overrides(load_recipe(recipe), MEASURED_WITH)
     config.data.calib = calib
     return config.validate()
 

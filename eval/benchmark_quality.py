@@ -8,14 +8,18 @@ held-out tail the in-domain test), WikiText-2 test out of domain; ratios 0.2 / 0
 CLI runs. Column (b) is the same recovery for every method: LoRA r=8 on all projections, KL
 distillation from the dense model, on the calibration text. Wall time and peak RSS per prune.
 
-    python eval/benchmark_quality.py                      # ~60 minutes on 2 CPU cores
-    python eval/benchmark_quality.py --seeds 0 --ratios 0.3 --rows "dms task,flap"   # a quick look
+    python eval/benchmark_quality.py                      # every row: ~90 minutes on 2 CPU cores
+    python eval/benchmark_quality.py --seeds 0 --ratios 0.3 --rows "dms structure task,flap"   # a quick look
+    python eval/benchmark_quality.py --set data.num_blocks=256 ...    # a setting added to every row
 
-The seeds are independent, so they may run as separate processes and be merged (what produced the
-committed results on 2 cores; the per-prune seconds are then those of one thread):
+The seeds (and ratios) are independent, so they may run as separate processes and be merged (what
+produced the committed results on 2 cores, two processes at a time; the per-prune seconds are then
+those of one thread):
 
-    for s in 0 1 2; do python eval/benchmark_quality.py --seeds $s --threads 1 --out /tmp/q$s & done; wait
-    python eval/benchmark_quality.py --merge /tmp/q0.json /tmp/q1.json /tmp/q2.json
+    ROWS="dms default (lora task+kd),dms structure task,dms joint task+kd,flap,taylor,shortgpt"
+    for s in 0 1; do python eval/benchmark_quality.py --seeds $s --threads 1 --rows "$ROWS" --out /tmp/q$s & done; wait
+    python eval/benchmark_quality.py --seeds 2 --threads 1 --rows "$ROWS" --out /tmp/q2
+    python eval/benchmark_quality.py --merge /tmp/q0.json /tmp/q1.json /tmp/q2.json --rows "$ROWS"
 """
 
 from __future__ import annotations
@@ -46,11 +50,13 @@ from dms_llm.recover import recover, recovery_teacher  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 ROWS = {  # label -> key=value settings on top of PruneConfig()
-    "dms task": ["search.loss=task"],
-    "dms kd": ["search.loss=kd"],
-    "dms task+kd": ["search.loss=task+kd"],
+    "dms default (lora task+kd)": [],
+    "dms structure task": ["search.mode=structure", "search.loss=task"],
+    "dms structure kd": ["search.mode=structure", "search.loss=kd"],
+    "dms structure task+kd": ["search.mode=structure", "search.loss=task+kd"],
     "dms lora task": ["search.mode=lora", "search.loss=task"],
-    "dms lora task+kd": ["search.mode=lora", "search.loss=task+kd"],
+    "dms lora kd": ["search.mode=lora", "search.loss=kd"],
+    "dms joint kd": ["search.mode=joint", "search.loss=kd", "search.weight_lr=1e-3"],
     "dms joint task+kd": ["search.mode=joint", "search.loss=task+kd", "search.weight_lr=1e-3"],
     "flap": ["method=flap"],
     "taylor": ["method=taylor"],
@@ -90,6 +96,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ratios", default="0.2,0.3,0.5")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma list of row labels")
+    parser.add_argument("--set", nargs="*", default=[], help="key=value settings added to every row")
     parser.add_argument("--recover-steps", type=int, default=50)
     parser.add_argument("--wikitext-tokens", type=int, default=131072, help="first N tokens of WikiText-2 test")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -123,7 +130,7 @@ def main() -> None:
         recovery_data, teacher = recovery_teacher(dense, tokenizer, recovery, seed)  # one pass, shared by all
         for ratio in (float(r) for r in args.ratios.split(",")):
             for label in args.rows.split(","):
-                config = apply_overrides(PruneConfig(ratio=ratio, seed=seed), ROWS[label]).validate()
+                config = apply_overrides(PruneConfig(ratio=ratio, seed=seed), ROWS[label] + args.set).validate()
                 config.data.calib = args.calib
                 config.eval.seq_len = args.eval_seq_len
                 model = AutoModelForCausalLM.from_pretrained(args.model).eval()
@@ -171,7 +178,8 @@ def write(out: Path, rows: list[dict], dense: dict, args, machine: str) -> None:
     table = summarise(rows)
     command = "python eval/benchmark_quality.py " + " ".join(sys.argv[1:])
     if args.merge:  # the per-seed runs of the docstring
-        command = "python eval/benchmark_quality.py --seeds S --threads 1` per seed, then `--merge"
+        chosen = "" if args.rows == ",".join(ROWS) else f' --rows "{args.rows}"'
+        command = f"python eval/benchmark_quality.py --seeds S --threads 1{chosen}` per seed, then `--merge"
     payload = {"machine": machine, "command": command, "dense": dense, "recover_steps": args.recover_steps,
                "wikitext_tokens": args.wikitext_tokens, "summary": table, "rows": rows}  # fmt: skip
     out.with_suffix(".json").write_text(portable(json.dumps(payload, indent=2)) + "\n")

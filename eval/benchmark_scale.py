@@ -158,7 +158,9 @@ def run_stages(name: str, folder: Path, args) -> dict:
 
     if args.steps > 0:
         stamps: list[float] = []
-        search_config = SearchConfig(steps=args.steps + 1, layer_score_every=10**6, refine_fraction=0.0, save_every=0)
+        search_config = SearchConfig(
+            mode="structure", steps=args.steps + 1, layer_score_every=10**6, refine_fraction=0.0, save_every=0
+        )
         with Stage("search", device, record):
             # step 0 also measures the layer scores: the step time is taken from the later steps
             outcome = search(model, masks, counter, budget, blocks, search_config, progress=False,

@@ -44,11 +44,34 @@ def run_prune(folder: Path, out: Path, args, shard: bool) -> dict:
     """One ``torchrun`` prune in a fresh process tree; its time, largest rank RSS and report."""
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     command = [
-        torchrun, "--standalone", "--nproc_per_node", str(args.ranks), "-m", "dms_llm", "prune", str(folder),
-        "--ratio", "0.2", "--calib", str(CALIB), "--quiet", "--no-eval", "--overwrite", "-o", str(out),
-        "--device", args.device, f"search.steps={args.steps}", f"search.batch_size={8 // args.ranks}",
-        "search.save_every=0", *(["--shard"] if shard else []),
-    ]  # fmt: skip
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        str(args.ranks),
+        "-m",
+        "dms_llm",
+        "prune",
+        str(folder),
+        "--ratio",
+        "0.2",
+        "--calib",
+        str(CALIB),
+        "--quiet",
+        "--no-eval",
+        "--overwrite",
+        "-o",
+        str(out),
+        "--device",
+        args.device,
+        f"search.steps={args.steps}",
+        f"search.batch_size={8 // args.ranks}",
+        "search.save_every=0",
+        "--mode",
+        "structure",
+        "--loss",
+        "task",
+        *(["--shard"] if shard else []),
+    ]  # fmt: skip  (one search for both: structure mode, what --shard runs by default)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the ranks

@@ -36,7 +36,13 @@ def main(out: Path, grad_accum: int) -> None:
         tokenizer, DataConfig(calib=str(SHARED / "text" / "tinystories" / "validation_a.txt"), num_blocks=64), 0
     )
     config = SearchConfig(
-        steps=32, batch_size=4, grad_accum=grad_accum, layer_score_every=10, score_blocks=8, save_every=0
+        mode="structure",
+        steps=32,
+        batch_size=4,
+        grad_accum=grad_accum,
+        layer_score_every=10,
+        score_blocks=8,
+        save_every=0,
     )
     masks = MaskSet(model)
     counter = ParamCounter.from_model(model, masks.adapter)

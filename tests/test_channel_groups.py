@@ -17,7 +17,7 @@ from dms_llm.masks import MaskSet
 from dms_llm.search_loop import search
 from dms_llm.slicing import slice_model
 
-SHORT = SearchConfig(steps=60, batch_size=4, layer_score_every=20, score_blocks=8)
+SHORT = SearchConfig(mode="structure", steps=60, batch_size=4, layer_score_every=20, score_blocks=8)
 
 
 @pytest.mark.parametrize(("multiple", "ratio"), [(8, 0.25), (32, 0.3)])

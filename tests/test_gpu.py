@@ -53,7 +53,13 @@ def test_bf16_search_with_gradient_checkpointing_lands_on_the_budget():
     budget = resolve_budget(counter, ratio=0.3)
     blocks = torch.randint(0, 128, (32, 64))
     config = SearchConfig(
-        steps=30, batch_size=4, gradient_checkpointing=True, layer_score_every=10, score_blocks=4, save_every=0
+        mode="structure",
+        steps=30,
+        batch_size=4,
+        gradient_checkpointing=True,
+        layer_score_every=10,
+        score_blocks=4,
+        save_every=0,
     )
     result = search(model, masks, counter, budget, blocks, config, progress=False)
     assert budget.floor <= result.params <= budget.target

@@ -78,6 +78,8 @@ def test_model_card_renders_with_real_numbers(checkpoint):
     pruned_ppl = report.evaluation["pruned"]["perplexity"]["validation_a"]
     assert f"| perplexity validation_a (seq 256) | {dense_ppl:.2f} | {pruned_ppl:.2f} |" in card
     assert "| arc_easy acc (%) |" in card and "lm-eval" in card
+    # the search as it ran: the defaults resolved to lora mode distilled from the dense model
+    assert "40 search steps, lora mode (LoRA adapters trained" in card and "cross-entropy + KL" in card
     assert "trust_remote_code=True" in card
     assert "dms-llm prune stories260K --ratio 0.3" in card
     assert "![kept heads and channels per layer](architecture.png)" in card

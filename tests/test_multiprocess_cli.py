@@ -30,6 +30,9 @@ PRUNE = [
     "data.num_blocks=64",
     "search.layer_score_every=10",
 ]
+# the exact rank-vs-one-process comparisons hold in structure mode (frozen weights); the defaults
+# ("auto": lora on data-parallel ranks, structure under --shard) are checked where they apply
+PINNED = [*PRUNE, "--mode", "structure", "--loss", "task"]
 
 
 def _env():
@@ -53,7 +56,7 @@ def one_process(tmp_path_factory):
     """The reference: one process accumulating 2 micro-batches per step."""
     require_shared()
     folder = tmp_path_factory.mktemp("single")
-    done = _run([sys.executable, "-m", "dms_llm", *PRUNE, "-o", "out", "search.grad_accum=2"], folder)
+    done = _run([sys.executable, "-m", "dms_llm", *PINNED, "-o", "out", "search.grad_accum=2"], folder)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((folder / "out" / "report.json").read_text())
 
@@ -68,7 +71,7 @@ LAUNCHERS = {
 def test_two_rank_distilled_search_finds_the_one_process_architecture(tmp_path):
     # --loss kd: every rank takes the dense targets of all blocks and selects its own rows each step
     require_shared()
-    distilled = [*PRUNE, "--loss", "kd", "--no-eval"]
+    distilled = [*PINNED, "--loss", "kd", "--no-eval"]
     one = _run([sys.executable, "-m", "dms_llm", *distilled, "-o", "one", "search.grad_accum=2"], tmp_path)
     two = _run([*LAUNCHERS["torchrun"](), *distilled, "-o", "two"], tmp_path)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
@@ -85,7 +88,7 @@ def test_two_rank_lora_search_follows_the_one_process_search(tmp_path):
     # averaged, the ranks differ from one process only by summation order, which the trained adapters
     # carry until a late channel choice may differ
     require_shared()
-    lora = [*PRUNE, "--mode", "lora", "--loss", "kd", "--no-eval"]
+    lora = [*PINNED, "--mode", "lora", "--loss", "kd", "--no-eval"]
     one = _run([sys.executable, "-m", "dms_llm", *lora, "-o", "one", "search.grad_accum=2"], tmp_path)
     two = _run([*LAUNCHERS["torchrun"](), *lora, "-o", "two"], tmp_path)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
@@ -102,7 +105,7 @@ def test_two_rank_lora_search_follows_the_one_process_search(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_rank_cli_writes_one_complete_folder_with_the_one_process_architecture(launcher, one_process, tmp_path):
-    done = _run([*LAUNCHERS[launcher](), *PRUNE, "-o", "out"], tmp_path)
+    done = _run([*LAUNCHERS[launcher](), *PINNED, "-o", "out"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     # only the main rank writes: one folder, no staging or search-state leftovers, one "saved to"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -134,6 +137,8 @@ def test_sharded_two_rank_cli_holds_half_the_layers_and_finds_the_one_process_ar
     assert done.stdout.count("saved to") == 1
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["search"]["processes"] == 2 and report["search"]["sharded"]
+    # no --mode or --loss given: "auto" resolves to a structure search on the task loss under --shard
+    assert (report["settings"]["search"]["mode"], report["settings"]["search"]["loss"]) == ("structure", "task")
     assert report["architecture"] == one_process["architecture"]
     assert report["params"] == one_process["params"]
     # each rank held half of every decoder layer and the whole embedding (tied head) and final norm
@@ -167,7 +172,7 @@ def _uneven_model(folder: Path) -> Path:
 def test_sharded_search_equals_the_data_parallel_one_on_uneven_shards(mode, tmp_path):
     require_shared()
     model = _uneven_model(tmp_path)
-    command = [*LAUNCHERS["torchrun"](), "prune", str(model), *PRUNE[2:], "--mode", mode]
+    command = [*LAUNCHERS["torchrun"](), "prune", str(model), *PINNED[2:], "--mode", mode]
     sharded = _run([*command, "-o", "sharded", "--shard"], tmp_path)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     plain = _run([*command, "-o", "plain"], tmp_path)

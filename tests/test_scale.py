@@ -69,7 +69,7 @@ def fresh_run(calib, config, **kwargs):
 
 @pytest.mark.parametrize("interrupt_at", [34, 53])  # before and after heads/layers freeze (step 48)
 def test_resume_after_an_interruption_ends_with_the_same_architecture(calib, tmp_path, interrupt_at):
-    config = SearchConfig(steps=60, batch_size=4, save_every=10, layer_score_every=15, score_blocks=8)
+    config = SearchConfig(mode="structure", steps=60, batch_size=4, save_every=10, layer_score_every=15, score_blocks=8)
     expected, expected_masks = fresh_run(calib, config)
 
     def interrupt(step, record):
@@ -88,9 +88,11 @@ def test_resume_after_an_interruption_ends_with_the_same_architecture(calib, tmp
 
 
 def test_resume_refuses_a_state_from_different_settings(calib, tmp_path):
-    config = SearchConfig(steps=20, batch_size=4, save_every=10, layer_score_every=10, score_blocks=8)
+    config = SearchConfig(mode="structure", steps=20, batch_size=4, save_every=10, layer_score_every=10, score_blocks=8)
     fresh_run(calib, config, state_dir=tmp_path / "state")
-    changed = SearchConfig(steps=20, batch_size=4, save_every=10, layer_score_every=10, score_blocks=8, lr=0.05)
+    changed = SearchConfig(
+        mode="structure", steps=20, batch_size=4, save_every=10, layer_score_every=10, score_blocks=8, lr=0.05
+    )
     with pytest.raises(DMSError, match=r"different settings \(search\)"):
         fresh_run(calib, changed, state_dir=tmp_path / "state", resume=True)
 
@@ -168,7 +170,7 @@ def test_joint_mode_trains_weights_and_keeps_the_invariants(calib):
 
 
 def test_resume_refuses_a_state_made_on_other_calibration_text_or_another_model(calib, tmp_path):
-    config = SearchConfig(steps=10, batch_size=4, save_every=10, layer_score_every=10, score_blocks=8)
+    config = SearchConfig(mode="structure", steps=10, batch_size=4, save_every=10, layer_score_every=10, score_blocks=8)
     fresh_run(calib, config, state_dir=tmp_path / "state")
     other_text = type(calib)(**{**calib.__dict__, "calib": calib.calib.flip(0).roll(1, dims=1)})
     with pytest.raises(DMSError, match=r"different settings \(calibration\)"):

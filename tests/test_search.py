@@ -12,7 +12,7 @@ from dms_llm.refit import fit_counts
 from dms_llm.search_loop import search
 from dms_llm.slicing import slice_model
 
-SHORT = SearchConfig(steps=80, batch_size=4, layer_score_every=20, score_blocks=8)
+SHORT = SearchConfig(mode="structure", steps=80, batch_size=4, layer_score_every=20, score_blocks=8)
 
 
 def run(model, calib, ratio=0.2, targets=("heads", "channels", "layers"), uniform=False, config=SHORT, seed=0):

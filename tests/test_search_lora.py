@@ -99,14 +99,15 @@ def test_lora_search_resumes_to_the_same_architecture_and_adapters(calib, tmp_pa
         assert torch.equal(resumed_adapters[name], value), name
 
 
-def test_lora_mode_prunes_end_to_end_from_the_cli(tmp_path, monkeypatch, capsys):
+def test_the_default_cli_prune_runs_a_distilled_lora_search(tmp_path, monkeypatch, capsys):
     require_shared()
     monkeypatch.chdir(tmp_path)
-    argv = ["prune", str(STORIES), "--ratio", "0.3", "--calib", str(TINYSTORIES), "--mode", "lora",
-            "--loss", "task+kd", "-o", "out", "--quiet", "search.steps=20", "data.num_blocks=32"]  # fmt: skip
+    argv = ["prune", str(STORIES), "--ratio", "0.3", "--calib", str(TINYSTORIES), "-o", "out", "--quiet",
+            "search.steps=20", "data.num_blocks=32"]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["settings"]["search"]["mode"] == "lora"
+    # the "auto" defaults, made concrete in the report: adapters and distillation, on one process
+    assert (report["settings"]["search"]["mode"], report["settings"]["search"]["loss"]) == ("lora", "task+kd")
     assert report["params"]["after"] <= report["params"]["target"]
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as weights:
         names = list(weights.keys())
@@ -131,3 +132,23 @@ def test_a_bfloat16_model_trains_float32_adapters_and_merges_back_to_bfloat16():
     slice_model(model, result.architecture)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert sum(p.numel() for p in model.parameters()) == result.params
+
+
+def test_lora_search_with_gradient_checkpointing_trains_the_same_adapters():
+    """The 7B recipes checkpoint activations: the adapters and ratios must get the same gradients."""
+
+    def run(checkpointing):
+        model = make_tiny("llama_gqa")
+        blocks = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(0))
+        _, result = _lora_search(model, blocks, steps=8, gradient_checkpointing=checkpointing)
+        adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        return result, adapters
+
+    plain, plain_adapters = run(False)
+    checkpointed, checkpointed_adapters = run(True)
+    assert checkpointed.architecture == plain.architecture
+    assert [h["task_loss"] for h in checkpointed.history] == pytest.approx([h["task_loss"] for h in plain.history])
+    assert plain_adapters.keys() == checkpointed_adapters.keys() and plain_adapters
+    for name, value in plain_adapters.items():
+        assert value.abs().sum() > 0 or "lora_A" in name
+        torch.testing.assert_close(checkpointed_adapters[name], value, atol=1e-6, rtol=1e-5)

@@ -42,6 +42,24 @@ def test_the_kd_teacher_is_the_same_model_with_its_masks_off():
     masks.remove()
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_split_the_teacher_pass_and_sum_to_the_one_process_targets(world):
+    model = make_tiny("llama_gqa")
+    blocks = torch.randint(0, 128, (11, 17), generator=torch.Generator().manual_seed(0))  # 3 batches of 4, one short
+    alone = teacher_targets(model, blocks, topk=16, batch_size=4)
+    forwards, parts = [], []
+    hook = model.model.register_forward_hook(lambda *_: forwards.append(1))
+    for rank in range(world):  # each rank on its own: reduce is the identity, the sum is done here
+        forwards.clear()
+        parts.append(teacher_targets(model, blocks, topk=16, batch_size=4, rank=rank, world=world, reduce=lambda t: t))
+        assert len(forwards) == -(-3 // world)  # the same number of forwards on every rank (sharded layers)
+    hook.remove()
+    owned = [(part.indices != 0).flatten(1).any(1) for part in parts]
+    assert sum(o.int() for o in owned).tolist() == [1] * 11  # every block computed by exactly one rank
+    assert torch.equal(sum(p.indices for p in parts), alone.indices)
+    assert torch.equal(sum(p.logprobs for p in parts), alone.logprobs)
+
+
 @pytest.mark.parametrize("loss", ["kd", "task+kd"])
 def test_a_distilled_search_lands_on_the_budget_and_slices_exactly(calib, loss):
     model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
@@ -49,7 +67,9 @@ def test_a_distilled_search_lands_on_the_budget_and_slices_exactly(calib, loss):
     masks = MaskSet(model)
     counter = ParamCounter.from_model(model, masks.adapter)
     budget = resolve_budget(counter, ratio=0.3)
-    config = SearchConfig(steps=30, batch_size=4, layer_score_every=10, score_blocks=8, save_every=0, loss=loss)
+    config = SearchConfig(
+        mode="structure", steps=30, batch_size=4, layer_score_every=10, score_blocks=8, save_every=0, loss=loss
+    )
     result = search(model, masks, counter, budget, calib.calib, config, progress=False, teacher=teacher)
     assert budget.floor <= result.params <= budget.target
     masks.remove()
