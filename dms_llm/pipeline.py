@@ -114,6 +114,7 @@ def prune(
     else:
         result = _search(model, config, adapter, counter, budget, data, accelerator, progress, search_teacher,
                          state_dir, resume)  # fmt: skip
+    search_teacher = None  # the search's targets are done with: not held through slicing and recovery
     if sharded:  # main slices and saves the whole model; the other ranks are done
         search_device = model.get_input_embeddings().weight.device
         model = gather_model(model)

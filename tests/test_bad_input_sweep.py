@@ -98,7 +98,7 @@ PRUNE = [  # (argv, what the error line must say)
     (_prune("--ratio", "0.2", "--method", "sparsegpt"), "--method must be one of dms, flap"),
     (_prune("--ratio", "0.2", "--method", "flap", "--layout", "uniform"), "FLAP allocates per layer"),
     (_prune("--ratio", "0.2", "--method", "taylor", "--channel-multiple", "8"), "does not take --channel-multiple"),
-    (_prune("--ratio", "0.2", "--loss", "mse"), "search.loss must be one of task, kd, task+kd"),
+    (_prune("--ratio", "0.2", "--loss", "mse"), "search.loss must be one of auto, task, kd, task+kd"),
     (_prune("--ratio", "0.2", "--loss", "kd", "search.distill_weight=0"), "needs search.distill_weight > 0"),
     (_prune("--ratio", "0.2", "--channel-multiple", "0"), "--channel-multiple must be a whole number >= 1"),
     (_prune("--ratio", "0.2", "--channel-multiple", "4096"), "--channel-multiple"),

@@ -116,8 +116,8 @@ def test_prune_command_killed_mid_search_resumes_to_the_same_model(tmp_path):
             str(out),
             "--quiet",
             "--no-eval",
-            "search.steps=60",
-            "search.save_every=20",
+            "search.steps=40",
+            "search.save_every=10",
             "data.num_blocks=64",
             *extra,
         ]

@@ -37,6 +37,8 @@ def test_uniform_search_on_random_models_slices_to_a_stock_uniform_model(stories
     total = sum(p.numel() for p in model.parameters())
     settings = PruneConfig(ratio=ratio, layout="uniform")
     settings.search.steps = steps
+    # the failing run's settings, the CLI's defaults then: a structure search over 256 blocks
+    settings.search.mode, settings.search.loss, settings.data.num_blocks = "structure", "task", 256
     settings.data.calib = str(TINYSTORIES)  # the CLI's defaults on the TinyStories file, as the failing run
     pruned, report = prune(model, tokenizer, settings, progress=False)
     assert not getattr(pruned.config, "dms_layer_shapes", None)  # a stock config
