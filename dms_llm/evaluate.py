@@ -1,4 +1,4 @@
-"""Perplexity of a causal LM on a token stream.
+"""Perplexity of a causal LM on a token stream, and its divergence from a reference model.
 
 Protocol (as LLM-Pruner, SparseGPT and Wanda report it): the stream is cut into
 non-overlapping windows of ``seq_len`` tokens (the remainder is dropped); each window is scored
@@ -9,6 +9,9 @@ Example:
     >>> tokens = tokenize_text(tokenizer, load_text("wiki.test.raw.txt"))   # doctest: +SKIP
     >>> perplexity(model, tokens, seq_len=128)                                # doctest: +SKIP
     12.62
+    >>> dense = teacher_targets(base_model, blocks, topk=vocab_size)          # doctest: +SKIP
+    >>> kl_to_reference(pruned_model, dense, blocks)                          # doctest: +SKIP
+    0.96
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import EvalConfig
 from .data import NAMED_SOURCES, load_text, split_blocks, tokenize_text
-from .losses import summed_nll
+from .losses import TeacherTargets, causal_lm_loss, summed_nll
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -68,6 +71,34 @@ def perplexity(
     finally:
         model.train(was_training)
     return math.exp(total / count)
+
+
+@torch.no_grad()
+def kl_to_reference(model: nn.Module, reference: TeacherTargets, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean per-token KL(reference || model) in nats over ``blocks``, where ``reference`` holds
+    another model's log-probabilities on the same blocks (``teacher_targets``).
+
+    Exact when the targets keep the whole vocabulary; with top-k targets it is the KL of the
+    distributions coarsened to those k tokens plus one "rest" bucket (a lower bound). Unlike
+    perplexity on text far from a small model's training data, which rewards flat predictions,
+    this measures how faithfully a pruned model keeps the base model's predictions there.
+    """
+    if reference.temperature != 1.0:
+        raise ValueError("kl_to_reference needs targets at temperature 1.0")
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            rows = list(range(start, min(start + batch_size, blocks.shape[0])))
+            batch = blocks[rows].to(_device_of(model))
+            _, parts = causal_lm_loss(model, batch, reference.select(rows), kd_weight=1.0, task_weight=0.0)
+            tokens = batch[:, 1:].numel()
+            total += float(parts[1]) * tokens
+            count += tokens
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
 
 
 def prepare_perplexity_sources(tokenizer, sources: list[str]) -> dict[str, tuple[torch.Tensor, int | None]]:

@@ -149,6 +149,7 @@ def recover(
     evaluate = data.heldout.numel() >= config.seq_len
     before = perplexity(model, data.heldout, config.seq_len) if evaluate else None
     start = time.perf_counter()
+    torch.manual_seed(seed)  # the adapters' random init: the same seed gives the same recovered model
     peft_model = attach_lora(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     history = train_lora(

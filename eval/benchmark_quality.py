@@ -43,8 +43,9 @@ sys.path.insert(0, str(ROOT))
 from results_io import portable  # noqa: E402 (eval/, beside this script)
 
 from dms_llm.config import DataConfig, PruneConfig, RecoverConfig, apply_overrides  # noqa: E402
-from dms_llm.data import calibration_blocks, load_text, tokenize_text  # noqa: E402
-from dms_llm.evaluate import perplexity  # noqa: E402
+from dms_llm.data import calibration_blocks, load_text, split_blocks, tokenize_text  # noqa: E402
+from dms_llm.evaluate import kl_to_reference, perplexity  # noqa: E402
+from dms_llm.losses import teacher_targets  # noqa: E402
 from dms_llm.pipeline import prune  # noqa: E402
 from dms_llm.recover import recover, recovery_teacher  # noqa: E402
 
@@ -125,6 +126,7 @@ def main() -> None:
     dense = AutoModelForCausalLM.from_pretrained(args.model).eval()
     # the held-out tail of the calibration text: the same for every seed (the seed picks blocks from the head)
     heldout = calibration_blocks(tokenizer, DataConfig(calib=args.calib), 0).heldout
+    wiki_blocks = split_blocks(wikitext, args.eval_seq_len)
     rows: list[dict] = []
     for seed in (int(s) for s in args.seeds.split(",")):
         recovery_data, teacher = recovery_teacher(dense, tokenizer, recovery, seed)  # one pass, shared by all
@@ -138,11 +140,13 @@ def main() -> None:
                 with PeakRSS() as memory:
                     model, report = prune(model, tokenizer, config, progress=False)
                 seconds = time.perf_counter() - start
-                pruned = {"in": report.perplexity["pruned"], "out": perplexity(model, wikitext, args.eval_seq_len)}
+                pruned = {"in": report.perplexity["pruned"], "out": perplexity(model, wikitext, args.eval_seq_len),
+                          **fidelity(model, dense, wiki_blocks)}  # fmt: skip
                 model, _ = recover(model, tokenizer, recovery, teacher, seed, progress=False, data=recovery_data)
                 recovered = {
                     "in": perplexity(model, heldout, args.eval_seq_len),  # the tail: the same for every row
                     "out": perplexity(model, wikitext, args.eval_seq_len),
+                    **fidelity(model, dense, wiki_blocks),
                 }
                 row = {"row": label, "ratio": ratio, "seed": seed, "params": report.params["after"],
                        "pruned": pruned, "recovered": recovered, "seconds": round(seconds, 2),
@@ -150,9 +154,34 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     dense_ppl = {"in": perplexity(dense, heldout, args.eval_seq_len),
-                 "out": perplexity(dense, wikitext, args.eval_seq_len)}  # fmt: skip
+                 "out": perplexity(dense, wikitext, args.eval_seq_len),
+                 "entropy_out": prediction_entropy(dense, wiki_blocks)}  # fmt: skip
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     write(Path(args.out), rows, dense_ppl, args, machine)
+
+
+def fidelity(model, dense, blocks, batch_size: int = 64) -> dict:
+    """Out of domain: KL(dense || model) per token over the dense model's whole vocabulary (exact)
+    and the model's own prediction entropy, in nats. The dense targets are made a batch at a time,
+    so they never add to the prune's peak memory."""
+    kl, tokens = 0.0, 0
+    for start in range(0, blocks.shape[0], batch_size):
+        batch = blocks[start : start + batch_size]
+        targets = teacher_targets(dense, batch, topk=dense.config.vocab_size)
+        kl += kl_to_reference(model, targets, batch) * batch[:, 1:].numel()
+        tokens += batch[:, 1:].numel()
+    return {"kl_out": kl / tokens, "entropy_out": prediction_entropy(model, blocks)}
+
+
+@torch.no_grad()
+def prediction_entropy(model, blocks, batch_size: int = 8) -> float:
+    """Mean entropy of the next-token distribution (a 512-token vocabulary: whole logits are small)."""
+    total, count = 0.0, 0
+    for start in range(0, blocks.shape[0], batch_size):
+        logp = torch.log_softmax(model(blocks[start : start + batch_size]).logits[:, :-1].float(), dim=-1)
+        total += float(-(logp.exp() * logp).sum())
+        count += logp.shape[0] * logp.shape[1]
+    return total / count
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -162,7 +191,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         group = [r for r in rows if (r["row"], r["ratio"]) == key]
         entry = {"row": key[0], "ratio": key[1], "seeds": len(group)}
         for stage in ("pruned", "recovered"):
-            for domain in ("in", "out"):
+            for domain in ("in", "out", "kl_out", "entropy_out"):
                 values = [r[stage][domain] for r in group]
                 entry[f"{stage}_{domain}"] = statistics.mean(values)
                 entry[f"{stage}_{domain}_spread"] = max(values) / min(values)
@@ -170,6 +199,10 @@ def summarise(rows: list[dict]) -> list[dict]:
         entry["peak_rss_mib"] = max(r["peak_rss_mib"] for r in group)
         table.append(entry)
     return table
+
+
+def spread(entry: dict, stage: str) -> str:
+    return f"{entry[f'{stage}_out_spread']:.2f} / {entry[f'{stage}_kl_out_spread']:.2f}"
 
 
 def write(out: Path, rows: list[dict], dense: dict, args, machine: str) -> None:
@@ -187,20 +220,24 @@ def write(out: Path, rows: list[dict], dense: dict, args, machine: str) -> None:
         f"stories260K calibrated on TinyStories; perplexity (seq {args.eval_seq_len}) on its held-out tail (in "
         f"domain) / the first {args.wikitext_tokens:,} tokens of WikiText-2 test (out of domain), mean over seeds "
         f"{args.seeds}; dense {dense['in']:.2f} / "
-        f"{dense['out']:.1f}. (b): LoRA r=8 + KL distillation from the dense model, {args.recover_steps} steps "
+        f"{dense['out']:.1f} (its predictions' entropy on WikiText-2: {dense['entropy_out']:.2f} nats). "
+        f"(b): LoRA r=8 + KL distillation from the dense model, {args.recover_steps} steps "
         "of 8 x 256 tokens of the calibration text, the same for every row. Spread: max / min over seeds, out of "
-        "domain. Lower is better; bold = best at that ratio.",
+        "domain. KL: KL(dense || pruned) per token on the same WikiText-2 windows, nats: how faithfully the "
+        "dense model's predictions survive out of domain. Lower is better; bold = best at that ratio.",
         "",
-        "| ratio | method | params | (a) as pruned | spread | (b) recovered | spread | prune s | peak RSS MiB |",
+        "| ratio | method | params | (a) as pruned: ppl in / out, KL | spread ppl / KL | "
+        "(b) recovered: ppl in / out, KL | spread ppl / KL | prune s | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for ratio in dict.fromkeys(e["ratio"] for e in table):
         group = [e for e in table if e["ratio"] == ratio]
-        best = {k: min(e[k] for e in group) for k in ("pruned_in", "pruned_out", "recovered_in", "recovered_out")}
+        keys = [f"{stage}_{m}" for stage in ("pruned", "recovered") for m in ("in", "out", "kl_out")]
+        best = {k: min(e[k] for e in group) for k in keys}
 
         def cell(entry, stage, best=best):
             parts = []
-            for domain, fmt in (("in", "{:.2f}"), ("out", "{:.0f}")):
+            for domain, fmt in (("in", "{:.2f}"), ("out", "{:.0f}"), ("kl_out", "{:.3f}")):
                 value = entry[f"{stage}_{domain}"]
                 text = fmt.format(value)
                 parts.append(f"**{text}**" if value == best[f"{stage}_{domain}"] else text)
@@ -209,8 +246,8 @@ def write(out: Path, rows: list[dict], dense: dict, args, machine: str) -> None:
         for e in group:
             params = next(r["params"] for r in rows if r["row"] == e["row"] and r["ratio"] == ratio)
             lines.append(
-                f"| {ratio} | {e['row']} | {params:,} | {cell(e, 'pruned')} | {e['pruned_out_spread']:.2f} | "
-                f"{cell(e, 'recovered')} | {e['recovered_out_spread']:.2f} | {e['seconds']:.1f} | "
+                f"| {ratio} | {e['row']} | {params:,} | {cell(e, 'pruned')} | {spread(e, 'pruned')} | "
+                f"{cell(e, 'recovered')} | {spread(e, 'recovered')} | {e['seconds']:.1f} | "
                 f"{e['peak_rss_mib']:.0f} |"
             )
     lines += ["", f"Machine: {machine}. Command: `{payload['command'].strip()}`."]

@@ -48,6 +48,22 @@ def test_top_k_distillation_over_the_whole_vocabulary_is_the_full_kl(small_chunk
     assert 0.0 < coarse.item() <= full.item() + 1e-9
 
 
+def test_kl_to_reference_is_the_mean_per_token_kl_over_blocks():
+    from dms_llm.evaluate import kl_to_reference
+
+    student = make_tiny("llama_gqa", seed=1).double()
+    teacher = make_tiny("llama_gqa", seed=2).double()
+    blocks = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(4))
+    targets = teacher_targets(teacher, blocks, topk=128)
+    with torch.no_grad():
+        s = F.log_softmax(student(blocks).logits[:, :-1], -1).flatten(0, 1)
+        t = F.log_softmax(teacher(blocks).logits[:, :-1], -1).flatten(0, 1)
+    full = F.kl_div(s, t, log_target=True, reduction="batchmean").item()
+    # batches of 2 over 5 blocks: the last batch is smaller, the mean is still per token
+    assert kl_to_reference(student, targets, blocks, batch_size=2) == pytest.approx(full, rel=1e-4)
+    assert kl_to_reference(teacher, targets, blocks) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_distillation_gradient_matches_autograd_of_the_same_loss(small_chunks):
     student = make_tiny("llama_gqa", seed=1).double().requires_grad_(True)
     teacher = make_tiny("llama_gqa", seed=2).double()
