@@ -154,7 +154,7 @@ def test_the_size_checked_before_loading_counts_a_tied_head_once():
 def test_checkpoint_folders_follow_the_umask(tmp_path):
     require_shared()
     result = dms_llm("prune", str(STORIES), "--ratio", "0.2", "--calib", str(TINYSTORIES), "--quiet", "--no-eval",
-                     "search.steps=5", "-o", "out", cwd=tmp_path)  # fmt: skip
+                     "search.steps=5", "data.num_blocks=64", "-o", "out", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~_umask()  # not 700: others may serve it
 
@@ -173,7 +173,8 @@ def test_a_key_value_right_after_prune_is_a_setting_not_the_model():
 def test_the_stories_recipe_runs_from_the_repository_root_with_a_setting_after_it(tmp_path):
     require_shared()
     out = tmp_path / "out"
-    result = dms_llm("prune", "--recipe", "stories260k", "search.steps=5", "--quiet", "--no-eval", "-o", str(out))
+    settings = ["search.steps=5", "data.num_blocks=64"]
+    result = dms_llm("prune", "--recipe", "stories260k", *settings, "--quiet", "--no-eval", "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "report.json").read_text())["search"]["steps"] == 5
 

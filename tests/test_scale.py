@@ -191,7 +191,10 @@ def test_interrupt_says_the_search_state_is_kept_and_how_to_resume(tmp_path):
     command = [sys.executable, "-m", "dms_llm", "prune", str(STORIES), "--ratio", "0.25", "--calib", str(TINYSTORIES),
                "-o", str(out), "--quiet", "--no-eval", "search.steps=400", "search.save_every=10",
                "data.num_blocks=64", "--layout", "per-layer"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    # Ctrl-C's default action in the child, even when this suite runs as a background job (whose
+    # children inherit an ignored SIGINT, and Python then never raises KeyboardInterrupt)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while not (state / "state.json").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)

@@ -84,7 +84,7 @@ def test_every_method_prunes_end_to_end_from_the_cli(tmp_path, monkeypatch, caps
     require_shared()
     monkeypatch.chdir(tmp_path)
     argv = ["prune", str(STORIES), "--ratio", "0.3", "--calib", str(TINYSTORIES), "--method", method, "-o", "out",
-            "--quiet", "search.steps=10", "--recover", "lora", "--recover-data", str(TINYSTORIES),
+            "--quiet", "search.steps=10", "data.num_blocks=64", "--recover", "lora", "--recover-data", str(TINYSTORIES),
             "--recover-steps", "2"]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
