@@ -8,14 +8,14 @@ held-out tail the in-domain test), WikiText-2 test out of domain; ratios 0.2 / 0
 CLI runs. Column (b) is the same recovery for every method: LoRA r=8 on all projections, KL
 distillation from the dense model, on the calibration text. Wall time and peak RSS per prune.
 
-Out of domain, two measures: perplexity on WikiText-2, and KL(dense || pruned) per token on the same
-windows, with the pruned model's prediction entropy in the JSON. stories260K knows only children's
-stories: on WikiText its dense predictions are overconfident (entropy ~2.3 nats against a log-perplexity
-of ~4.8), so a model that predicts more flatly gets a lower WikiText perplexity without being closer
-to the model it was pruned from. The KL measures that closeness directly (exact: the whole 512-token
-vocabulary).
+Out of domain, two measures: perplexity on WikiText-2, and KL(dense || pruned) per token on the first
+``--kl-windows`` of those windows, with the pruned model's prediction entropy in the JSON.
+stories260K knows only children's stories: on WikiText its dense predictions are overconfident
+(entropy ~2.3 nats against a log-perplexity of ~4.8), so a model that predicts more flatly gets a
+lower WikiText perplexity without being closer to the model it was pruned from. The KL measures
+that closeness directly (exact: the whole 512-token vocabulary).
 
-    python eval/benchmark_quality.py                      # every row: ~90 minutes on 2 CPU cores
+    python eval/benchmark_quality.py                      # all 11 rows: well over an hour on 2 CPU cores
     python eval/benchmark_quality.py --seeds 0 --ratios 0.3 --rows "dms structure task,flap"   # a quick look
     python eval/benchmark_quality.py --set data.num_blocks=256 ...    # a setting added to every row
 
