@@ -40,7 +40,7 @@ PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--mode": (
         "search.mode",
         str,
-        "auto (default: lora, or structure with --shard), structure (weights frozen), "
+        "auto (default: lora, also with --shard), structure (weights frozen), "
         "lora (LoRA adapters train with the ratios) or joint (all weights train)",
     ),
     "--loss": (

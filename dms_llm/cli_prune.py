@@ -85,11 +85,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     # one process, or each rank of `torchrun` / `accelerate launch -m dms_llm prune ...`
     accelerator = make_accelerator(config.device)
     shard = config.shard or uses_fsdp(accelerator)  # an accelerate FSDP config means the same as --shard
-    if shard and config.search.mode == "lora":
-        raise DMSError(
-            "--mode lora does not run with --shard (the adapters would wrap sharded layers); "
-            "use --mode structure or joint with --shard, or lora without it"
-        )
     if shard and accelerator.num_processes < 2:
         raise DMSError("--shard splits the model over several processes: launch with torchrun or accelerate launch")
     if shard and config.device_map:

@@ -78,21 +78,21 @@ class SearchConfig:
     lora_alpha: int = 16
     lora_lr: float = 3e-3  # lora mode: learning rate of the adapters
 
-    def resolved(self, sharded: bool = False, teacher: bool = True) -> SearchConfig:
+    def resolved(self, teacher: bool = True) -> SearchConfig:
         """This config with ``auto`` mode and loss made concrete (the winners of eval/benchmark_quality.py).
 
         mode ``auto``: ``lora`` (adapters train with the ratios: far better in and out of domain than
-        frozen weights, at 1.25x the memory), or ``structure`` when the model is sharded over ranks
-        (``--shard``, where adapters cannot wrap the sharded layers). loss ``auto``: ``task+kd`` when
+        frozen weights, at 1.25x the memory; sharded with ``--shard`` too, where the adapters stay
+        whole on every rank beside the sharded weights). loss ``auto``: ``task+kd`` when
         weights or adapters train (the dense model's distribution keeps them general), ``task`` in
         structure mode (KL there costs quality in domain and does not help reliably out of it), and
         ``task`` whenever ``distill_weight`` is 0 or no teacher is at hand (``teacher=False``).
 
         Example:
-            >>> SearchConfig().resolved().mode, SearchConfig().resolved(sharded=True).loss
+            >>> SearchConfig().resolved().mode, SearchConfig(mode="structure").resolved().loss
             ('lora', 'task')
         """
-        mode = self.mode if self.mode != "auto" else ("structure" if sharded else "lora")
+        mode = self.mode if self.mode != "auto" else "lora"
         loss = self.loss
         if loss == "auto":
             loss = "task+kd" if mode != "structure" and self.distill_weight > 0 and teacher else "task"

@@ -78,7 +78,7 @@ def prune(
     # A sharded model runs its layers' collectives on every rank, so every rank takes part in the
     # dense evaluations (only main's results are used); a data-parallel one leaves them to main.
     sharded = is_sharded(model)
-    config = dataclasses.replace(config, search=config.search.resolved(sharded))  # "auto" made concrete
+    config = dataclasses.replace(config, search=config.search.resolved())  # "auto" made concrete
     evaluates = main or sharded
     heldout = evaluates and config.eval.heldout and data.heldout.numel() >= seq_len
     dense_ppl = perplexity(model, data.heldout, seq_len, config.eval.batch_size) if heldout else None

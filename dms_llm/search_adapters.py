@@ -13,6 +13,8 @@ so the model is an ordinary transformers model of the same shapes and slicing se
 an MLP channel or attention unit the masks drop is an input column of ``down_proj``/``o_proj`` and
 an output row of ``gate``/``up``/``q``/``k``/``v`` in the merged weight, exactly as in the masked
 model with adapters (the masks scale the projection's input before the base and adapter paths).
+On a sharded model (``--shard``) each rank adds its rows of peft's delta to its own shard of the
+weight, so the gathered weights are those a whole-model merge gives, bit for bit.
 
 Example:
     >>> trained = attach_search_adapters(model, get_adapter(model.config), SearchConfig(mode="lora"))  # doctest: +SKIP
@@ -77,12 +79,31 @@ def merge_search_adapters(model: nn.Module) -> int:
 
     Each weight is updated in place (its dtype kept), so merging holds no second copy of the model.
     """
+    from torch.distributed.tensor import DTensor
+
     lora_layer = require_peft().tuners.lora.LoraLayer
     wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, lora_layer)]
     for name, module in wrapped:
-        module.merge()
+        weight = module.get_base_layer().weight
+        if isinstance(weight, DTensor):  # a sharded (--shard) layer: each rank adds its own rows
+            _merge_into_shard(module, weight)
+        else:
+            module.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module.get_base_layer())
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return len(wrapped)
+
+
+def _merge_into_shard(module: nn.Module, weight) -> None:
+    """``module.merge()`` for a base weight that FSDP splits by rows: this rank's rows of peft's own
+    delta, added as peft adds it, so the merged shards are those of the merged whole weight."""
+    import torch.distributed as dist
+
+    from .sharding import local_rows
+
+    for name in module.active_adapters:
+        delta = module.get_delta_weight(name)
+        weight.to_local().add_(delta[local_rows(delta.shape[0], dist.get_rank(), dist.get_world_size())])
+        module.merged_adapters.append(name)

@@ -121,17 +121,16 @@ def search(
     sharded = is_sharded(model)
     check_distributed(accelerator, sharded)
     # "auto" made concrete; called without the dense model's targets, an auto loss is the task loss
-    config = config.resolved(sharded, teacher=teacher is not None)
+    config = config.resolved(teacher=teacher is not None)
     torch.manual_seed(seed)
     joint, lora = config.mode == "joint", config.mode == "lora"
-    if lora and sharded:
-        raise DMSError("search.mode=lora does not run on a sharded (--shard) model; use --mode structure or joint")
     if joint and sharded and resume:
         raise DMSError(
             "a sharded joint search keeps no resumable state (its trained weights are split over the ranks); "
             "rerun without --resume"
         )
     model.requires_grad_(joint)
+    weight_bytes = local_weight_bytes(model) if sharded else None  # before lora mode's adapters join them
     adapters: list[nn.Parameter] = []
     if lora:  # wrappers replace the projections: the masks must hook the wrappers instead
         adapters = attach_search_adapters(model, masks.adapter, config)
@@ -166,7 +165,7 @@ def search(
     head_params = model.get_output_embeddings().weight.numel()
     score_budget = ScoreBudget.for_search(counter, head_params, config, blocks.shape[1])
     result = SearchResult(masks.architecture(), counter.total, 0.0, processes=world)
-    result.rank_weight_bytes = local_weight_bytes(model) if sharded else None
+    result.rank_weight_bytes = weight_bytes
     fingerprint = search_fingerprint(model, masks, counter, budget, blocks, config, seed)
     start_step = 0
     if resume and state_dir is not None and (state := load_state(state_dir)) is not None:

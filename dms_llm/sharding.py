@@ -4,7 +4,10 @@ Data-parallel ranks each hold the whole model; a 70B model does not fit on one 8
 ``--shard`` (or an accelerate FSDP config) every decoder layer becomes one FSDP unit: each rank
 keeps 1/N of its rows, and the layer is gathered just for its forward and backward. What the
 search learns is unaffected: the masks are hooks on the projections and stay replicated, and the
-keep-ratio gradients are averaged over the ranks as in a data-parallel run.
+keep-ratio gradients are averaged over the ranks as in a data-parallel run. So are lora mode's
+adapters: peft wraps the sharded projections after ``fully_shard``, the adapters stay whole on every
+rank (FSDP does not manage them), and at the end each rank merges its rows of every adapter's
+product into its own shard (``merge_search_adapters``).
 
 The embedding, final norm and ``lm_head`` stay whole on every rank (about 3% of a 70B model):
 the chunked loss multiplies by ``lm_head.weight`` itself, and a tied head is the embedding.
@@ -53,7 +56,7 @@ def shard_layers(model: nn.Module, adapter, device: torch.device) -> nn.Module:
     return model
 
 
-def _local_rows(rows: int, rank: int, world: int) -> slice:
+def local_rows(rows: int, rank: int, world: int) -> slice:
     """The rows FSDP gives ``rank`` of a dimension of ``rows`` (``torch.chunk``: ceil-sized pieces)."""
     size = math.ceil(rows / world)
     return slice(min(rank * size, rows), min((rank + 1) * size, rows))
@@ -105,7 +108,7 @@ def _fill_shards(handle, params: dict, dtype: torch.dtype, device: torch.device,
         target = params[key]
         if isinstance(target, DTensor):  # read only the rows this rank owns
             local = target.to_local()
-            tensor = handle.get_slice(key)[_local_rows(target.shape[0], rank, world)]
+            tensor = handle.get_slice(key)[local_rows(target.shape[0], rank, world)]
         else:
             local, tensor = target, handle.get_tensor(key)
         if tuple(tensor.shape) != tuple(local.shape):

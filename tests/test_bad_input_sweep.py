@@ -111,7 +111,6 @@ PRUNE = [  # (argv, what the error line must say)
     (_prune("--ratio", "0.2", "--recover", "qlora"), "qlora"),
     (_prune("--ratio", "0.2", "--recover", "lora", "--recover-data", "nope.jsonl"), "'nope.jsonl' does not exist"),
     (_prune("--ratio", "0.2", "--shard"), "launch with torchrun or accelerate launch"),
-    (_prune("--ratio", "0.2", "--shard", "--mode", "lora"), "--mode lora does not run with --shard"),
     (_prune("--ratio", "0.2", "--mode", "lora", "search.lora_r=0"), "search.lora_r >= 1"),
     (_prune("--ratio", "0.2", "--eval-seq-len", "0"), "seq_len"),
     (_prune("--ratio", "0.2", "--push-to-hub", "not a repo id"), "not a valid Hub repository id"),

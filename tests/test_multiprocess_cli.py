@@ -31,7 +31,7 @@ PRUNE = [
     "search.layer_score_every=10",
 ]
 # the exact rank-vs-one-process comparisons hold in structure mode (frozen weights); the defaults
-# ("auto": lora on data-parallel ranks, structure under --shard) are checked where they apply
+# ("auto": lora with task+kd, data-parallel or --shard) are checked where they apply
 PINNED = [*PRUNE, "--mode", "structure", "--loss", "task"]
 
 
@@ -121,14 +121,12 @@ def _weights(folder: Path) -> dict:
 def test_sharded_two_rank_cli_holds_half_the_layers_and_finds_the_one_process_architecture(
     launcher, one_process, tmp_path
 ):
-    done = _run([*LAUNCHERS[launcher](), *PRUNE, "-o", "out", "--shard"], tmp_path)
+    done = _run([*LAUNCHERS[launcher](), *PINNED, "-o", "out", "--shard"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert done.stdout.count("saved to") == 1
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["search"]["processes"] == 2 and report["search"]["sharded"]
-    # no --mode or --loss given: "auto" resolves to a structure search on the task loss under --shard
-    assert (report["settings"]["search"]["mode"], report["settings"]["search"]["loss"]) == ("structure", "task")
     assert report["architecture"] == one_process["architecture"]
     assert report["params"] == one_process["params"]
     # each rank held half of every decoder layer and the whole embedding (tied head) and final norm
@@ -158,23 +156,36 @@ def _uneven_model(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["structure", "joint"])
+# "auto": the default, a lora search on task+kd (the dense targets taken by the sharded layers, the
+# adapters merged into each rank's rows); joint: every weight trains, FSDP averaging the sharded grads.
+# (A structure search, the loaded weights sliced, is the lora path without adapters and teacher.)
+@pytest.mark.parametrize("mode", ["auto", "joint"])
 def test_sharded_search_equals_the_data_parallel_one_on_uneven_shards(mode, tmp_path):
     require_shared()
     model = _uneven_model(tmp_path)
-    command = [*LAUNCHERS["torchrun"](), "prune", str(model), *PINNED[2:], "--mode", mode, "--no-eval"]
+    pins = ["--mode", "joint", "--loss", "task"] if mode == "joint" else []
+    command = [*LAUNCHERS["torchrun"](), "prune", str(model), *PRUNE[2:], *pins, "--no-eval"]
     sharded = _run([*command, "-o", "sharded", "--shard"], tmp_path)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     plain = _run([*command, "-o", "plain"], tmp_path)
     assert plain.returncode == 0, plain.stderr[-3000:]
     reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("sharded", "plain")]
     assert reports[0]["search"]["sharded"] and not reports[1]["search"]["sharded"]
+    resolved = {"auto": ("lora", "task+kd"), "joint": ("joint", "task")}[mode]
+    for report in reports:
+        assert (report["settings"]["search"]["mode"], report["settings"]["search"]["loss"]) == resolved
     assert reports[0]["architecture"] == reports[1]["architecture"]
     assert reports[0]["search"]["history"] == reports[1]["search"]["history"]
     a, b = _weights(tmp_path / "sharded"), _weights(tmp_path / "plain")
     assert sorted(a) == sorted(b)
-    for key in a:  # frozen weights are sliced exactly; joint-trained ones equal DDP's
+    for key in a:  # trained (merged) weights equal the data-parallel ranks', bit for bit
         assert (a[key] == b[key]).all(), key
+    # and they were trained: a kept layer's down_proj is not the base model's kept columns
+    arch, base = reports[0]["architecture"], _weights(model)
+    last = arch["kept_layers"][-1]
+    original = base[f"model.layers.{last}.mlp.down_proj.weight"][:, arch["kept_channels"][last]]
+    trained = a[f"model.layers.{len(arch['kept_layers']) - 1}.mlp.down_proj.weight"]
+    assert trained.shape == original.shape and (trained - original).abs().max() > 1e-3
 
 
 def test_shard_needs_several_processes_and_refuses_a_joint_resume(tmp_path):
