@@ -1,13 +1,16 @@
 """Memory per rank of a multi-process prune: data-parallel ranks against sharded ones (``--shard``).
 
-    python eval/benchmark_sharded.py                      # Llama-3.2-1B shape (fp32), 2 CPU ranks
+    python eval/benchmark_sharded.py                      # Llama-3.2-1B shape (fp32), 2 CPU ranks, lora and structure
+    python eval/benchmark_sharded.py --modes auto         # the default lora search only (the committed results)
     python eval/benchmark_sharded.py --ranks 8 --device cuda --model 8b   # on a GPU node
 
-Runs the real command line, ``torchrun --nproc_per_node N -m dms_llm prune MODEL ...``, once with
-data-parallel ranks and once with ``--shard``, on a random-weight checkpoint with a real config
-(written by ``eval/benchmark_scale.py`` into the same work folder if absent). Each run does a short
-search at the default per-step batch (8 blocks of 128 tokens over all ranks) with the first layer
-scoring, the layer guard, landing, slicing and saving, and reports:
+Runs the real command line, ``torchrun --nproc_per_node N -m dms_llm prune MODEL ...``, with
+data-parallel ranks and with ``--shard``, for each search mode of ``--modes`` (the default lora
+search on task+kd, and structure mode on the task loss), on a random-weight checkpoint with a real
+config (written by ``eval/benchmark_scale.py`` into the same work folder if absent). Each run does a
+short search at the default per-step batch (8 blocks of 128 tokens over all ranks; kd's dense
+targets taken on the 16 calibration blocks it uses) with the first layer scoring, the layer guard,
+landing, slicing and saving, and reports:
 
 - wall time of the whole command;
 - each rank's peak RSS, polled every 0.2 s: the main rank's includes gathering the whole model on
@@ -40,7 +43,7 @@ def weight_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def run_prune(folder: Path, out: Path, args, shard: bool) -> dict:
+def run_prune(folder: Path, out: Path, args, shard: bool, mode: str) -> dict:
     """One ``torchrun`` prune in a fresh process tree; its time, largest rank RSS and report."""
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     command = [
@@ -66,13 +69,14 @@ def run_prune(folder: Path, out: Path, args, shard: bool) -> dict:
         f"search.steps={args.steps}",
         f"search.batch_size={8 // args.ranks}",
         "search.save_every=0",
+        "data.num_blocks=16",  # the blocks the steps and layer scoring use: a short dense-target pass
         "--mode",
-        "structure",
-        "--loss",
-        "task",
+        mode,
         *(["--shard"] if shard else []),
-    ]  # fmt: skip  (one search for both: structure mode, what --shard runs by default)
+    ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.mmap_threshold:  # see --mmap-threshold: RSS then follows the memory the ranks hold
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the ranks
         launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
@@ -81,9 +85,11 @@ def run_prune(folder: Path, out: Path, args, shard: bool) -> dict:
         stderr = log.read()
     seconds = time.perf_counter() - started
     if launcher.returncode != 0:
-        raise SystemExit(f"prune failed ({'sharded' if shard else 'data-parallel'}):\n{stderr[-3000:]}")
+        raise SystemExit(f"prune failed ({'sharded' if shard else 'data-parallel'}, {mode}):\n{stderr[-3000:]}")
     report = json.loads((out / "report.json").read_text())
+    search = report["settings"]["search"]
     return {
+        "mode": f"{search['mode']}, {search['loss']}",
         "seconds": round(seconds, 1),
         # the main rank also gathers the whole model on its host at the end; the others never do
         "main_rank_peak_gib": round(max(peaks) / GIB, 2),
@@ -129,6 +135,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dms-llm-scale")
+    parser.add_argument("--modes", default="auto,structure", help="search modes to run (auto: the default, lora)")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=4 << 20,
+        help="glibc MALLOC_MMAP_THRESHOLD_ for the ranks (0: glibc's default). A sharded rank allocates and "
+        "frees every layer's gathered weights at each forward and backward; with glibc's default (a threshold "
+        "that rises to 32 MiB) the freed blocks stay in the heap and RSS overstates what the rank holds",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "sharded")
     args = parser.parse_args()
     folder = args.work_dir / args.model
@@ -136,16 +151,24 @@ def main() -> None:
         make = [sys.executable, str(ROOT / "eval" / "benchmark_scale.py"), "--work-dir", str(args.work_dir)]
         subprocess.run([*make, "--stage", f"make:{args.model}"], check=True)
     weights = weight_bytes(folder)
-    runs = {}
-    for label, shard in (("data-parallel", False), ("sharded (--shard)", True)):
-        started = time.perf_counter()
-        runs[label] = run_prune(folder, args.work_dir / f"{args.model}-{'sharded' if shard else 'dp'}", args, shard)
-        print(f"{label}: {json.dumps({k: v for k, v in runs[label].items() if k != 'architecture'})}", flush=True)
-        print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
-    same = runs["data-parallel"]["architecture"] == runs["sharded (--shard)"]["architecture"]
-    command = "python eval/benchmark_sharded.py " + " ".join(sys.argv[1:])
+    runs, same = {}, {}
+    for mode in args.modes.split(","):
+        for ranks, shard in (("data-parallel", False), ("sharded (--shard)", True)):
+            label, started = f"{ranks}, --mode {mode}", time.perf_counter()
+            out = args.work_dir / f"{args.model}-{'sharded' if shard else 'dp'}"
+            runs[label] = run_prune(folder, out, args, shard, mode)
+            print(f"{label}: {json.dumps({k: v for k, v in runs[label].items() if k != 'architecture'})}", flush=True)
+            print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+        both = [run["architecture"] for key, run in runs.items() if key.endswith(f"--mode {mode}")]
+        same[mode] = both[0] == both[1]
+    write_results(args, weights, runs, same, "python eval/benchmark_sharded.py " + " ".join(sys.argv[1:]))
+
+
+def write_results(args, weights: int, runs: dict, same: dict, command: str) -> None:
+    """eval/results/sharded.{json,md} (or --out) from the runs of ``main``."""
     payload = {
         "machine": machine(args.device),
+        "malloc_mmap_threshold": args.mmap_threshold or None,
         "model": LABELS[args.model],
         "weights_gib": round(weights / GIB, 2),
         "ranks": args.ranks,
@@ -159,23 +182,32 @@ def main() -> None:
     lines = [
         f"`dms-llm prune --ratio 0.2` under `torchrun --nproc_per_node {args.ranks}` on {payload['machine']}: "
         f"{payload['model']}, random weights, {payload['weights_gib']} GiB; {args.steps} search steps of 8 x 128 "
-        "tokens over all ranks, first layer scoring, layer guard, landing, slicing and saving, no evaluation.",
+        "tokens over all ranks, first layer scoring, layer guard, landing, slicing and saving, no evaluation. "
+        + (
+            f"The ranks run with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold} (blocks of that size or more are "
+            "returned to the system when freed, so peak RSS follows what a rank holds; with glibc's default, "
+            "the gathered layers a sharded rank frees stay in its heap)."
+            if args.mmap_threshold
+            else "glibc's default allocator settings."
+        ),
         "",
-        "| ranks | wall s | weights a rank holds (GiB) | held / weights | peak RSS, rank 1 (GiB) "
-        "| peak RSS, main rank (GiB) |",
-        "|---|---|---|---|---|---|",
+        "| ranks | search (mode, loss) | wall s | weights a rank holds (GiB) | held / weights "
+        "| peak RSS, rank 1 (GiB) | peak RSS, main rank (GiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, run in payload["runs"].items():
         held = run["rank_weight_gib"] / payload["weights_gib"]
         lines.append(
-            f"| {label} | {run['seconds']} | {run['rank_weight_gib']} | {held:.2f} | {run['other_rank_peak_gib']} | "
-            f"{run['main_rank_peak_gib']} |"
+            f"| {label.split(',')[0]} | {run['mode']} | {run['seconds']} | {run['rank_weight_gib']} | {held:.2f} | "
+            f"{run['other_rank_peak_gib']} | {run['main_rank_peak_gib']} |"
         )
+    agree = ", ".join(f"--mode {mode}: {value}" for mode, value in same.items())
     lines += [
         "",
-        f"Same architecture from both: {same}. Rank 1's peak is the search (its share of the weights, the "
-        "replicated embedding and head, activations); the main rank's adds the whole model gathered on its host "
-        "to slice and save.",
+        f"Same architecture data-parallel and sharded ({agree}). Rank 1's peak is the search (its share of the "
+        "weights, the replicated embedding and head, lora mode's adapters with their AdamW states, activations); "
+        "the main rank's adds the whole model gathered on its host to slice and save. Weights a rank holds: its "
+        "shards and the replicated tensors (the model's own weights, not the adapters).",
         "",
         f"Command: `{payload['command']}`.",
         "",
