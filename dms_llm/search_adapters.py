@@ -104,6 +104,9 @@ def _merge_into_shard(module: nn.Module, weight) -> None:
     from .sharding import local_rows
 
     for name in module.active_adapters:
+        # the whole delta, then this rank's rows: B[rows] @ A may round differently from (B @ A)[rows],
+        # and the merged shards must equal a whole-model merge. The transient is one projection's
+        # delta in float32 (under 1 GB for a 70B model's largest), freed before the next.
         delta = module.get_delta_weight(name)
         weight.to_local().add_(delta[local_rows(delta.shape[0], dist.get_rank(), dist.get_world_size())])
         module.merged_adapters.append(name)
