@@ -1,5 +1,10 @@
 """Layer importance: the loss change when a layer is toggled, at a bounded cost.
 
+The loss is the search's own (``SearchObjective``): with a distilling search, the KL to the dense
+model's predictions counts as well as the calibration text's NLL, so a layer that matters for
+what the model predicts in general (often the last) is not dropped because the text alone
+tolerates it.
+
 Whole layers are ranked by the measured loss change when each is toggled (skipped if kept,
 restored if dropped); first-order scores of whole layers are too flat to rank them. Measuring
 every layer costs L forward passes and would cost as much as the search itself at 80 layers, so:
@@ -32,7 +37,7 @@ from torch import Tensor, nn
 
 from .budget import ParamCounter
 from .config import SearchConfig
-from .losses import decoder_of, summed_nll_of_hidden
+from .losses import SearchObjective, decoder_of
 from .masks import MaskSet
 
 
@@ -117,15 +122,22 @@ class _Recorder:
 
 
 def _replay(
-    model: nn.Module, layers: nn.ModuleList, norm: nn.Module, recorder: _Recorder, start: int, batch: Tensor
+    model: nn.Module,
+    layers: nn.ModuleList,
+    norm: nn.Module,
+    recorder: _Recorder,
+    start: int,
+    batch: Tensor,
+    rows: Tensor,
+    objective: SearchObjective,
 ) -> Tensor:
-    """Summed NLL of ``batch`` when the decoder runs from layer ``start`` on its recorded input."""
+    """Summed loss of ``batch`` when the decoder runs from layer ``start`` on its recorded input."""
     hidden = recorder.inputs[start]
     for index in range(start, len(layers)):
         args, kwargs = recorder.calls[index]
         output = layers[index](hidden, *args, **kwargs)
         hidden = output[0] if isinstance(output, tuple) else output
-    return summed_nll_of_hidden(model, norm(hidden), batch)
+    return objective.summed_of_hidden(model, norm(hidden), batch, rows)
 
 
 @torch.no_grad()
@@ -139,14 +151,17 @@ def measure_layer_scores(
     reduce: Callable[[Tensor], Tensor] | None = None,
     batch_size: int = 8,
     split_data: bool = False,
+    objective: SearchObjective | None = None,
 ) -> Tensor:
     """Layer scores under the current hard masks: loss change when each (candidate) layer is toggled.
 
     Without ``budget`` every layer is measured. ``reduce`` sums a tensor over the ranks.
+    ``objective``: the loss measured (the search's own; the NLL of ``blocks`` when None).
     ``split_data``: the ranks split the blocks instead of the candidates (a sharded model gathers
     each layer on all ranks at once, so every rank must run the same layers).
     """
     device = model.get_input_embeddings().weight.device
+    objective = objective or SearchObjective()
     layers = masks.adapter.decoder_layers(model)
     norm = model.get_submodule(masks.adapter.final_norm)
     previous = masks.importance["layers"][0].detach().cpu().to(torch.float64)
@@ -157,39 +172,44 @@ def measure_layer_scores(
         layer_mask = masks.active["layers"][0]
         kept = layer_mask.detach().cpu() > 0.5
         split = split_data and world > 1 and reduce is not None
+        rows = torch.arange(blocks.shape[0])  # each block's row in the objective's teacher targets
         if split:  # equal shares: every rank runs the layers the same number of times
-            blocks = blocks[: max(1, blocks.shape[0] // world) * world]
-            if blocks.shape[0] < world:
-                blocks = blocks.repeat(world, 1)
+            rows = rows[: max(1, rows.shape[0] // world) * world]
+            if rows.shape[0] < world:
+                rows = rows.repeat(world)
+        blocks = blocks[rows]
         tokens = blocks.numel()
         total = (lambda t: reduce(t.to(device)).cpu()) if split else (lambda t: t)
-        mine_blocks = _rank_share(blocks, rank, world) if split else blocks
-        batches = [mine_blocks[i : i + batch_size].to(device) for i in range(0, mine_blocks.shape[0], batch_size)]
+        mine = _rank_share(rows, rank, world) if split else rows
+        batches = [
+            (blocks[mine[i : i + batch_size]].to(device), mine[i : i + batch_size])
+            for i in range(0, mine.shape[0], batch_size)
+        ]
         # candidates: the dropped layers, then the kept ones, least important first: by the last
         # scores, or (first scoring) by the block influence of an extra pass
         passes, ranking = 1, previous
         if bool(previous.max() == previous.min()):
-            passes, ranking = 2, total(_influence_pass(model, layers, batches)) / tokens
+            passes, ranking = 2, total(_influence_pass(model, layers, [batch for batch, _ in batches])) / tokens
         order = [i for i in range(len(layers)) if not kept[i]]
         order += sorted((i for i in range(len(layers)) if kept[i]), key=lambda i: (float(ranking[i]), i))
         candidates = order if budget is None else budget.candidates(order, tokens, world, passes)
-        mine = sorted(candidates if split else candidates[rank::world])
+        measured_here = sorted(candidates if split else candidates[rank::world])
         # one pass: base loss and influence; this rank's candidates replayed from their inputs
         base, losses = 0.0, torch.zeros(len(layers), dtype=torch.float64)
         influence = torch.zeros(len(layers), dtype=torch.float64)
-        for batch in batches:
-            recorder = _Recorder(layers, keep=set(mine))
+        for batch, batch_rows in batches:
+            recorder = _Recorder(layers, keep=set(measured_here))
             try:
                 hidden = decoder_of(model)(input_ids=batch, use_cache=False).last_hidden_state
             finally:
                 recorder.remove()
-            base += float(summed_nll_of_hidden(model, hidden, batch))
+            base += float(objective.summed_of_hidden(model, hidden, batch, batch_rows))
             influence += recorder.influence
-            for layer in mine:
+            for layer in measured_here:
                 toggled = layer_mask.clone()
                 toggled[layer] = 1.0 - toggled[layer]
                 masks.active["layers"] = [toggled]
-                losses[layer] += float(_replay(model, layers, norm, recorder, layer, batch))
+                losses[layer] += float(_replay(model, layers, norm, recorder, layer, batch, batch_rows, objective))
                 masks.active["layers"] = [layer_mask]
         if split:
             base = float(total(torch.tensor([base], dtype=torch.float64)))
@@ -204,10 +224,10 @@ def measure_layer_scores(
         masks.deactivate()
 
 
-def _rank_share(blocks: Tensor, rank: int, world: int) -> Tensor:
-    """This rank's contiguous share of ``blocks`` (their count is a multiple of ``world``)."""
-    share = blocks.shape[0] // world
-    return blocks[rank * share : (rank + 1) * share]
+def _rank_share(rows: Tensor, rank: int, world: int) -> Tensor:
+    """This rank's contiguous share of ``rows`` (their count is a multiple of ``world``)."""
+    share = rows.shape[0] // world
+    return rows[rank * share : (rank + 1) * share]
 
 
 def _influence_pass(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor]) -> Tensor:

@@ -135,9 +135,60 @@ def _losses(kd_weight: float, temperature: float, task_weight: float) -> Callabl
 
 def summed_nll_of_hidden(model: nn.Module, hidden: Tensor, input_ids: Tensor) -> Tensor:
     """Summed next-token NLL from the final (normed) hidden states (B, T, H) of ``input_ids``."""
-    positions = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    labels = input_ids[:, 1:].reshape(-1)
-    return chunked_head_loss(positions, model.get_output_embeddings(), _losses(0.0, 1.0, 1.0), [labels])[0]
+    return SearchObjective().summed_of_hidden(model, hidden, input_ids)
+
+
+@dataclass(frozen=True)
+class SearchObjective:
+    """The loss a search minimises, ``task_weight * CE + kd_weight * KL``, for the search's discrete
+    decisions (layer scores, the layer guard, head snapping) to measure as well: a layer is then
+    kept for what it does to the dense model's predictions, not only to the calibration text's NLL.
+
+    ``teacher`` holds the dense model's targets for the blocks the decisions are measured on; a
+    batch names its ``rows`` in them. Without a teacher (or ``kd_weight`` 0) it is the plain NLL.
+
+    Example:
+        >>> objective = SearchObjective(teacher_targets(model, blocks), kd_weight=1.0)   # doctest: +SKIP
+        >>> loss = objective.summed_of_hidden(model, hidden, blocks[:8], rows=range(8))  # doctest: +SKIP
+    """
+
+    teacher: TeacherTargets | None = None
+    kd_weight: float = 0.0
+    task_weight: float = 1.0
+
+    @property
+    def distils(self) -> bool:
+        return self.teacher is not None and self.kd_weight > 0
+
+    def summed_of_hidden(
+        self, model: nn.Module, hidden: Tensor, input_ids: Tensor, rows: Sequence[int] | Tensor | None = None
+    ) -> Tensor:
+        """Summed loss over the predicted positions, from the final (normed) hidden states (B, T, H)."""
+        positions = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        labels = input_ids[:, 1:].reshape(-1)
+        targets, temperature = [labels], 1.0
+        kd_weight = self.kd_weight if self.distils else 0.0
+        if kd_weight:
+            if rows is None:
+                raise ValueError("a distilling objective needs the rows of the teacher targets")
+            part = self.teacher.select(rows)
+            targets += [part.indices.reshape(labels.numel(), -1), part.logprobs.reshape(labels.numel(), -1)]
+            temperature = part.temperature
+        loss_fn = _losses(kd_weight, temperature, self.task_weight if kd_weight else 1.0)
+        return chunked_head_loss(positions, model.get_output_embeddings(), loss_fn, targets)[0]
+
+    @torch.no_grad()
+    def mean(self, model: nn.Module, blocks: Tensor, batch_size: int = 8) -> float:
+        """Mean per-predicted-token loss of ``model`` on ``blocks`` (rows 0..N-1 of the teacher)."""
+        device = model.get_input_embeddings().weight.device
+        total, count = 0.0, 0
+        for start in range(0, blocks.shape[0], batch_size):
+            batch = blocks[start : start + batch_size].to(device)
+            hidden = decoder_of(model)(input_ids=batch, use_cache=False).last_hidden_state
+            rows = range(start, start + batch.shape[0])
+            total += float(self.summed_of_hidden(model, hidden, batch, rows))
+            count += batch[:, 1:].numel()
+        return total / max(count, 1)
 
 
 def causal_lm_loss(

@@ -46,7 +46,7 @@ from .config import SearchConfig
 from .errors import DMSError
 from .launch import check_distributed
 from .layer_scores import ScoreBudget, measure_layer_scores
-from .losses import CausalLMLoss, TeacherTargets
+from .losses import CausalLMLoss, SearchObjective, TeacherTargets
 from .masks import MaskSet
 from .refit import count_params
 from .search_adapters import adapter_state, attach_search_adapters, merge_search_adapters
@@ -159,6 +159,8 @@ def search(
     chunk = config.batch_size
     order = _batch_order(blocks.shape[0], steps, chunk * world * accum, seed)
     score_blocks = blocks[: config.score_blocks]
+    # the discrete decisions (layer scores, guard, head snapping) measure the loss the search minimises
+    objective = SearchObjective(teacher if kd_weight else None, kd_weight, task_weight)
     masks.mode = config.mask_forward
     use_layer_scores = "layers" in masks.targets and config.layer_importance == "skip_loss"
     reduce = (lambda t: accelerator.reduce(t, "sum")) if world > 1 else None
@@ -184,10 +186,10 @@ def search(
     )
     for step in bar:
         if step == refine_start and step > 0 and "heads" not in masks.frozen:
-            result.layer_decisions = _settle_structure(model, masks, counter, budget, score_blocks)
+            result.layer_decisions = _settle_structure(model, masks, counter, budget, score_blocks, objective)
         if use_layer_scores and "layers" not in masks.frozen and step % config.layer_score_every == 0:
             scores = measure_layer_scores(
-                model, masks, score_blocks, score_budget, rank, world, reduce, chunk, split_data=sharded
+                model, masks, score_blocks, score_budget, rank, world, reduce, chunk, sharded, objective
             )
             masks.set_layer_importance(scores)
         global_batch = order[step * chunk * world * accum : (step + 1) * chunk * world * accum]
@@ -245,7 +247,7 @@ def search(
             accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(step, record)
-    arch = snap_uniform_heads(model, masks, counter, budget, score_blocks, masks.architecture())
+    arch = snap_uniform_heads(model, masks, counter, budget, score_blocks, masks.architecture(), objective)
     landed = land(masks, counter, budget, arch)
     while landed is None:  # too many layers kept to fit: drop the least important and retry
         scores = masks.importance["layers"][0].tolist() if "layers" in masks.targets else None
@@ -298,14 +300,14 @@ def search_fingerprint(model, masks: MaskSet, counter, budget: Budget, blocks, c
     }
 
 
-def _settle_structure(model, masks: MaskSet, counter, budget, score_blocks) -> list[dict]:
+def _settle_structure(model, masks: MaskSet, counter, budget, score_blocks, objective: SearchObjective) -> list[dict]:
     """Refine starts: guard the dropped layers, snap uniform heads, then freeze heads and layers."""
     arch, decisions = (
-        guard_layers(model, masks, counter, budget, score_blocks)
+        guard_layers(model, masks, counter, budget, score_blocks, objective)
         if "layers" in masks.targets
         else (masks.architecture(), [])
     )
-    arch = snap_uniform_heads(model, masks, counter, budget, score_blocks, arch)
+    arch = snap_uniform_heads(model, masks, counter, budget, score_blocks, arch, objective)
     masks.set_keep_counts(masks.counts(arch))
     masks.freeze("layers", arch)
     masks.freeze("heads", arch)

@@ -17,21 +17,28 @@ from torch import nn
 
 from .architecture import Architecture
 from .budget import Budget, ParamCounter
-from .evaluate import mean_loss
+from .losses import SearchObjective
 from .masks import MaskSet
 from .refit import fit_counts
 
 
 @torch.no_grad()
-def hard_loss(model: nn.Module, masks: MaskSet, blocks: torch.Tensor, arch: Architecture | None = None) -> float:
-    """Loss of the hard-masked model (of ``arch`` when given) on fixed blocks."""
+def hard_loss(
+    model: nn.Module,
+    masks: MaskSet,
+    blocks: torch.Tensor,
+    arch: Architecture | None = None,
+    objective: SearchObjective | None = None,
+) -> float:
+    """Loss of the hard-masked model (of ``arch`` when given) on fixed blocks: the search's own
+    ``objective``, or the mean NLL without one."""
     saved_frozen, saved_mode = dict(masks.frozen), masks.mode
     try:
         if arch is not None:
             masks.set_architecture(arch)
         masks.mode = "hard"
         masks.refresh()
-        return mean_loss(model, blocks)
+        return (objective or SearchObjective()).mean(model, blocks)
     finally:
         masks.frozen, masks.mode = saved_frozen, saved_mode
         masks.deactivate()
@@ -85,11 +92,12 @@ def snap_uniform_heads(
     budget: Budget,
     blocks: torch.Tensor,
     arch: Architecture,
+    objective: SearchObjective | None = None,
 ) -> Architecture:
     """Uniform layout: move the shared head count to the nearest value the stock config accepts.
 
     Both neighbours are landed on the budget (channels absorb the difference) and the one with
-    the lower calibration loss wins.
+    the lower loss on ``blocks`` (the search's ``objective``) wins.
     """
     allowed = masks.allowed_units
     current = arch.unit_counts()[0]
@@ -109,23 +117,29 @@ def snap_uniform_heads(
         if fitted is None:
             continue
         candidate = masks.architecture_for(arch.kept_layers, fitted)
-        loss = hard_loss(model, masks, blocks, candidate)
+        loss = hard_loss(model, masks, blocks, candidate, objective)
         if loss < best_loss:
             best, best_loss = candidate, loss
     return best
 
 
 def guard_layers(
-    model: nn.Module, masks: MaskSet, counter: ParamCounter, budget: Budget, blocks: torch.Tensor
+    model: nn.Module,
+    masks: MaskSet,
+    counter: ParamCounter,
+    budget: Budget,
+    blocks: torch.Tensor,
+    objective: SearchObjective | None = None,
 ) -> tuple[Architecture, list[dict]]:
-    """Restore every dropped layer whose parameters are better spent on its own heads/channels."""
+    """Restore every dropped layer whose parameters are better spent on its own heads/channels
+    (judged by the loss on ``blocks``: the search's ``objective``, or the NLL)."""
     arch = masks.architecture()
     decisions: list[dict] = []
     dropped = [i for i in range(arch.num_layers) if i not in arch.kept_layers]
     if not dropped:
         return arch, decisions
     current = land(masks, counter, budget, arch) or arch
-    current_loss = hard_loss(model, masks, blocks, current)
+    current_loss = hard_loss(model, masks, blocks, current, objective)
     scores = masks.importance["layers"][0].tolist()
     for layer in sorted(dropped, key=lambda i: -scores[i]):
         candidate = land(
@@ -134,7 +148,7 @@ def guard_layers(
             budget,
             Architecture(**{**current.to_dict(), "kept_layers": sorted([*current.kept_layers, layer])}),
         )
-        candidate_loss = hard_loss(model, masks, blocks, candidate) if candidate is not None else float("inf")
+        candidate_loss = float("inf") if candidate is None else hard_loss(model, masks, blocks, candidate, objective)
         restored = candidate_loss < current_loss
         decisions.append(
             {

@@ -1,6 +1,7 @@
 """Search losses (task, kd, task+kd) with the model itself as the teacher, and every --method from the CLI."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from transformers import AutoModelForCausalLM
 from dms_llm.budget import ParamCounter, resolve_budget
 from dms_llm.cli import main
 from dms_llm.config import METHODS, SearchConfig
-from dms_llm.losses import causal_lm_loss, teacher_targets
+from dms_llm.layer_scores import measure_layer_scores
+from dms_llm.losses import SearchObjective, causal_lm_loss, teacher_targets
 from dms_llm.masks import MaskSet
 from dms_llm.search_loop import search
 from dms_llm.slicing import slice_model
@@ -77,6 +79,85 @@ def test_a_distilled_search_lands_on_the_budget_and_slices_exactly(calib, loss):
     assert sum(p.numel() for p in model.parameters()) == result.params
     with pytest.raises(Exception, match="needs the dense model's targets"):
         search(model, MaskSet(model), counter, budget, calib.calib, config, progress=False)
+
+
+def _brute_force_layer_scores(model, masks, blocks, teacher, kd_weight, task_weight):
+    """Each layer toggled under the hard masks, the search loss over all blocks in one batch."""
+    masks.mode = "hard"
+    masks.refresh()
+    base_mask = masks.active["layers"][0]
+
+    def loss_with(layer_mask):
+        masks.active["layers"] = [layer_mask]
+        with torch.no_grad():
+            return float(causal_lm_loss(model, blocks, teacher, kd_weight, task_weight)[0])
+
+    base, scores = loss_with(base_mask), []
+    for layer in range(len(base_mask)):
+        toggled = base_mask.clone()
+        toggled[layer] = 1.0 - toggled[layer]
+        change = loss_with(toggled) - base
+        scores.append(change if base_mask[layer] > 0.5 else -change)  # a dropped layer: what restoring it gains
+    masks.deactivate()
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def _threaded_reduce(world):
+    """An in-process sum over ``world`` threads, standing in for the ranks' all-reduce."""
+    barrier, slots = threading.Barrier(world), {}
+
+    def for_rank(rank):
+        def reduce(tensor):
+            slots[rank] = tensor.clone()
+            barrier.wait()
+            total = sum(slots[r] for r in range(world))
+            barrier.wait()  # every rank has read the slots before any writes the next ones
+            return total
+
+        return reduce
+
+    return for_rank
+
+
+def test_layer_scores_and_the_layer_guard_measure_the_loss_the_search_minimises():
+    blocks = torch.randint(0, 128, (6, 17), generator=torch.Generator().manual_seed(0))
+    model = make_tiny("llama_gqa", layers=5)
+    teacher = teacher_targets(model, blocks, topk=16)  # the dense model, coarsened as in a search
+    masks = MaskSet(model)
+    randomize(masks, seed=3)  # some layers dropped, pruned heads and channels
+    assert 0 < len(masks.architecture().kept_layers) < 5  # kept and dropped layers both scored
+    objective = SearchObjective(teacher, kd_weight=1.0, task_weight=0.5)
+    # batches of 4: the second batch's blocks must meet their own rows of the teacher targets
+    scores = measure_layer_scores(model, masks, blocks, batch_size=4, objective=objective).to(torch.float64)
+    expected = _brute_force_layer_scores(model, masks, blocks, teacher, 1.0, 0.5)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    nll_scores = measure_layer_scores(model, masks, blocks, batch_size=4).to(torch.float64)
+    nll_expected = _brute_force_layer_scores(model, masks, blocks, None, 0.0, 1.0)
+    torch.testing.assert_close(nll_scores, nll_expected, atol=1e-5, rtol=1e-5)
+    assert (scores - nll_scores).abs().max() > 1e-3  # the teacher term really counts
+    # the guard's and head snapping's loss: the same objective, over batches
+    with torch.no_grad():
+        whole = float(causal_lm_loss(model, blocks, teacher, 1.0, 0.5)[0])
+    assert objective.mean(model, blocks, batch_size=4) == pytest.approx(whole, rel=1e-6)
+    # ranks splitting the blocks (a sharded search) score each block against its own teacher rows
+    ranks = [make_tiny("llama_gqa", layers=5) for _ in range(2)]
+    rank_masks = [MaskSet(m) for m in ranks]
+    for rank_mask in rank_masks:
+        randomize(rank_mask, seed=3)
+    results, reduce_for = [None, None], _threaded_reduce(2)
+
+    def run(rank):
+        results[rank] = measure_layer_scores(ranks[rank], rank_masks[rank], blocks, None, rank, 2, reduce_for(rank),
+                                             batch_size=2, split_data=True, objective=objective)  # fmt: skip
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        torch.testing.assert_close(result.to(torch.float64), expected, atol=1e-5, rtol=1e-5)
+    masks.remove()
 
 
 @pytest.mark.parametrize("method", METHODS)
