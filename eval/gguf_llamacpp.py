@@ -122,12 +122,12 @@ def compare(folder: Path, perplexity: Path, gguf_file: Path, outtype: str, chunk
 
 
 def prune(out: Path, *extra: str, model: Path = STORIES) -> Path:
-    if not (out / "model.safetensors").exists():
-        subprocess.run(
-            [sys.executable, "-m", "dms_llm", "prune", str(model), "--ratio", "0.3", "--calib", str(CALIB),
-             "--quiet", "-o", str(out), "--overwrite", *extra],
-            check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+    """A fresh prune every run (never a folder left by an earlier run, made by older code)."""
+    subprocess.run(
+        [sys.executable, "-m", "dms_llm", "prune", str(model), "--ratio", "0.3", "--calib", str(CALIB),
+         "--quiet", "-o", str(out), "--overwrite", *extra],
+        check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
     return out
 
 
