@@ -133,9 +133,25 @@ def _losses(kd_weight: float, temperature: float, task_weight: float) -> Callabl
     return loss_fn
 
 
-def summed_nll_of_hidden(model: nn.Module, hidden: Tensor, input_ids: Tensor) -> Tensor:
-    """Summed next-token NLL from the final (normed) hidden states (B, T, H) of ``input_ids``."""
-    return SearchObjective().summed_of_hidden(model, hidden, input_ids)
+def _summed_loss_of_hidden(
+    model: nn.Module,
+    hidden: Tensor,
+    input_ids: Tensor,
+    teacher: TeacherTargets | None,
+    kd_weight: float,
+    task_weight: float,
+) -> tuple[Tensor, Tensor]:
+    """(summed loss, summed (CE, KL)) from the final hidden states (B, T, H) of ``input_ids``;
+    ``teacher`` holds the targets of exactly these blocks."""
+    positions = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    labels = input_ids[:, 1:].reshape(-1)
+    targets: list[Tensor] = [labels]
+    temperature = 1.0
+    if teacher is not None and kd_weight > 0:
+        targets += [teacher.indices.reshape(labels.numel(), -1), teacher.logprobs.reshape(labels.numel(), -1)]
+        temperature = teacher.temperature
+    loss_fn = _losses(kd_weight, temperature, task_weight)
+    return chunked_head_loss(positions, model.get_output_embeddings(), loss_fn, targets)
 
 
 @dataclass(frozen=True)
@@ -164,18 +180,12 @@ class SearchObjective:
         self, model: nn.Module, hidden: Tensor, input_ids: Tensor, rows: Sequence[int] | Tensor | None = None
     ) -> Tensor:
         """Summed loss over the predicted positions, from the final (normed) hidden states (B, T, H)."""
-        positions = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        labels = input_ids[:, 1:].reshape(-1)
-        targets, temperature = [labels], 1.0
-        kd_weight = self.kd_weight if self.distils else 0.0
-        if kd_weight:
-            if rows is None:
-                raise ValueError("a distilling objective needs the rows of the teacher targets")
-            part = self.teacher.select(rows)
-            targets += [part.indices.reshape(labels.numel(), -1), part.logprobs.reshape(labels.numel(), -1)]
-            temperature = part.temperature
-        loss_fn = _losses(kd_weight, temperature, self.task_weight if kd_weight else 1.0)
-        return chunked_head_loss(positions, model.get_output_embeddings(), loss_fn, targets)[0]
+        if not self.distils:  # the plain NLL
+            return _summed_loss_of_hidden(model, hidden, input_ids, None, 0.0, 1.0)[0]
+        if rows is None:
+            raise ValueError("a distilling objective needs the rows of the teacher targets")
+        part = self.teacher.select(rows)
+        return _summed_loss_of_hidden(model, hidden, input_ids, part, self.kd_weight, self.task_weight)[0]
 
     @torch.no_grad()
     def mean(self, model: nn.Module, blocks: Tensor, batch_size: int = 8) -> float:
@@ -200,17 +210,8 @@ def causal_lm_loss(
 ) -> tuple[Tensor, Tensor]:
     """(mean loss, per-token means of (CE, KL)) of next-token prediction on ``input_ids`` (B, T)."""
     hidden = decoder_of(model)(input_ids=input_ids, use_cache=False).last_hidden_state
-    positions = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    labels = input_ids[:, 1:].reshape(-1)
-    targets: list[Tensor] = [labels]
-    temperature = 1.0
-    if teacher is not None and kd_weight > 0:
-        targets += [teacher.indices.reshape(labels.numel(), -1), teacher.logprobs.reshape(labels.numel(), -1)]
-        temperature = teacher.temperature
-    total, parts = chunked_head_loss(
-        positions, model.get_output_embeddings(), _losses(kd_weight, temperature, task_weight), targets
-    )
-    count = labels.numel()
+    total, parts = _summed_loss_of_hidden(model, hidden, input_ids, teacher, kd_weight, task_weight)
+    count = input_ids[:, 1:].numel()
     return total / count, parts / count
 
 
