@@ -87,6 +87,10 @@ class MaskSet:
         self.active: dict[str, list[Tensor]] | None = None
         self._counts: dict[str, Tensor] = {}
         self._pending: dict[tuple[str, int], Tensor] = {}  # squared mask gradients not yet averaged in
+        # layers whose mask is 0 at the last refresh: their blocks get no backward (see _output_hook)
+        self.skip_dropped_backward = True
+        self._dropped: set[int] = set()
+        self._refreshed_layer_mask: Tensor | None = None
         self._handles: list = []
         self._attach()
 
@@ -123,7 +127,13 @@ class MaskSet:
             if self.active is None:
                 return None
             first = output[0] if isinstance(output, tuple) else output
-            scaled = first * self.active["layers"][0][index].to(device=first.device, dtype=first.dtype)
+            layer_mask = self.active["layers"][0]
+            if self.skip_dropped_backward and index in self._dropped and layer_mask is self._refreshed_layer_mask:
+                # the layer's mask is 0 in the forward, so every gradient into the block is exactly
+                # zero: cut it there, so the backward skips the block (only the mask's own gradient,
+                # sum(grad * output), is needed) and the block's saved activations are freed now
+                first = first.detach()
+            scaled = first * layer_mask[index].to(device=first.device, dtype=first.dtype)
             return (scaled, *output[1:]) if isinstance(output, tuple) else scaled
 
         return hook
@@ -198,6 +208,10 @@ class MaskSet:
                 if mask.requires_grad:
                     mask.retain_grad()
             self.active[kind] = masks
+        layer_mask = self.active.get("layers", [None])[0]
+        self._refreshed_layer_mask = layer_mask
+        # one host read per refresh (not per layer): which layers the forward drops
+        self._dropped = set() if layer_mask is None else {i for i, v in enumerate(layer_mask.tolist()) if v == 0.0}
 
     def deactivate(self) -> None:
         """Hooks pass everything through (the dense model) until the next ``refresh``."""
@@ -236,8 +250,11 @@ class MaskSet:
             if kind in self.frozen or (kind == "layers" and self.layer_scores_external):
                 continue
             for index, mask in enumerate(masks):
-                if mask.grad is not None:
-                    score = (mask.grad.detach().float() * scale).pow(2)
+                grad = mask.grad
+                if grad is None and mask.requires_grad and index in self._dropped and kind != "layers":
+                    grad = torch.zeros_like(mask)  # a dropped layer's block had no backward: exactly zero
+                if grad is not None:
+                    score = (grad.detach().float() * scale).pow(2)
                     key = (kind, index)
                     self._pending[key] = self._pending[key] + score if key in self._pending else score
 

@@ -162,6 +162,10 @@ def search(
     # the discrete decisions (layer scores, guard, head snapping) measure the loss the search minimises
     objective = SearchObjective(teacher if kd_weight else None, kd_weight, task_weight)
     masks.mode = config.mask_forward
+    # joint mode trains the dropped layers' weights on zero gradients (AdamW moments), and DDP expects a
+    # gradient for every weight: their blocks keep their backward there
+    if joint:
+        masks.skip_dropped_backward = False
     use_layer_scores = "layers" in masks.targets and config.layer_importance == "skip_loss"
     reduce = (lambda t: accelerator.reduce(t, "sum")) if world > 1 else None
     head_params = model.get_output_embeddings().weight.numel()
@@ -210,6 +214,9 @@ def search(
             masks.collect_scores(scale=accum)
             task_total += task.detach().item() / accum
         masks.update_importance(config.importance_beta, reduce)
+        for parameter in adapters:  # a dropped layer's block ran no backward: its gradient is exactly zero
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
         if world > 1:
             # FSDP averages the gradients of its shards itself; the replicated tensors are averaged here
             replicated = list(masks.parameters()) + adapters

@@ -9,7 +9,12 @@ Phases, each measured in a fresh process (so peak memory is its own):
 - ``plain``: plain forward + backward with every weight trainable (a standard training step, no
   optimizer);
 - ``dms``: one full structure-mode search step: mask refresh, masked forward + backward with frozen
-  weights, importance update, keep-ratio Adam step.
+  weights, importance update, keep-ratio Adam step;
+- ``dms-dropped``: the same step once the search has dropped a quarter of the layers (their masks are
+  0 but still learn): a dropped layer's block runs its forward only, since no gradient reaches it.
+  Its steps alternate with steps whose dropped blocks back-propagate their zeros
+  (``MaskSet.skip_dropped_backward = False``, what the search did before), in the same process so
+  that both see the same machine: the two medians say what the cut saves (its peak is of both).
 Reports median step time, tokens/s and peak memory (CUDA: max allocated; CPU: peak RSS). Writes
 eval/results/overhead.{json,md} (or --out).
 """
@@ -66,6 +71,9 @@ CONFIGS = {
 }
 
 
+PHASES = ("forward", "plain", "dms", "dms-dropped")
+
+
 def build_model(name: str, device: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -92,12 +100,18 @@ def run_phase(args) -> dict:
     vocab = model.config.vocab_size
     batch = torch.randint(0, vocab, (args.batch_size, args.seq_len), device=args.device)
     masks = counter = optimizer = budget = None
-    if args.phase == "dms":
+    if args.phase.startswith("dms"):
         model.requires_grad_(False)
         masks = MaskSet(model)
         counter = ParamCounter.from_model(model, masks.adapter)
         budget = resolve_budget(counter, ratio=0.2)
-        optimizer = torch.optim.Adam(masks.parameters(), lr=0.02)
+        learned = masks.parameters()
+        if args.phase != "dms":  # a quarter of the layers dropped, their (fixed) ratio still differentiable
+            layers = masks.geometry.num_layers
+            masks.importance["layers"][0].copy_(torch.arange(layers, 0, -1, dtype=torch.float32))
+            masks.keep_ratios["layers"].data.fill_((layers - layers // 4) / layers)
+            learned = [p for kind, p in masks.keep_ratios.items() if kind != "layers"]
+        optimizer = torch.optim.Adam(learned, lr=0.02)
     elif args.phase == "plain":
         model.requires_grad_(True)
     else:
@@ -128,13 +142,16 @@ def run_phase(args) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
+    times, full_times = [], []
+    for index in range(args.steps * (2 if args.phase == "dms-dropped" else 1)):
+        cut = index % 2 == 0 or args.phase != "dms-dropped"
+        if masks is not None:
+            masks.skip_dropped_backward = cut
         start = time.perf_counter()
         step()
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        (times if cut else full_times).append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     mask_state = 0
@@ -146,6 +163,7 @@ def run_phase(args) -> dict:
         "model": args.model,
         "phase": args.phase,
         "median_s": median,
+        "median_full_s": statistics.median(full_times) if full_times else None,
         "tokens_per_s": args.batch_size * args.seq_len / median,
         "peak_bytes": peak,
         "weight_bytes": weights,
@@ -173,7 +191,7 @@ def main() -> None:
         return
     rows = []
     for model in args.models.split(","):
-        for phase in ("forward", "plain", "dms"):
+        for phase in PHASES:
             command = [
                 sys.executable,
                 __file__,
@@ -213,6 +231,12 @@ def machine(device: str) -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
+def dropped_cell(row: dict) -> str:
+    """Interleaved steps of one process: the saving is measured on the same machine state."""
+    cut, full = row["median_s"], row["median_full_s"]
+    return f"{cut * 1e3:.1f} / {full * 1e3:.1f} ({1 - cut / full:.0%})"
+
+
 def write(out: Path, rows: list[dict], args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.device == "cpu" else "_gpu"
@@ -233,8 +257,8 @@ def write(out: Path, rows: list[dict], args) -> None:
         f"{'on' if args.gradient_checkpointing else 'off'}). Memory: {memory}.",
         "",
         "| model | params | forward ms | plain fwd+bwd ms | DMS step ms | DMS / plain | peak plain | peak DMS | "
-        "weights | mask state |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "weights | mask state | 1/4 of layers dropped: DMS step ms, dropped blocks cut / back-propagated (saved) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
         phase = {r["phase"]: r for r in rows if r["model"] == model}
@@ -243,7 +267,8 @@ def write(out: Path, rows: list[dict], args) -> None:
             f"| {model} | {phase['dms']['params'] / 1e6:.1f}M | {phase['forward']['median_s'] * 1e3:.1f} | "
             f"{phase['plain']['median_s'] * 1e3:.1f} | {phase['dms']['median_s'] * 1e3:.1f} | {ratio:.2f} | "
             f"{phase['plain']['peak_bytes'] / 2**30:.2f} GiB | {phase['dms']['peak_bytes'] / 2**30:.2f} GiB | "
-            f"{phase['dms']['weight_bytes'] / 2**30:.2f} GiB | {phase['dms']['mask_state_bytes'] / 2**10:.1f} KiB |"
+            f"{phase['dms']['weight_bytes'] / 2**30:.2f} GiB | {phase['dms']['mask_state_bytes'] / 2**10:.1f} KiB | "
+            f"{dropped_cell(phase['dms-dropped'])} |"
         )
     lines += ["", f"Command: `{meta['command'].strip()}`."]
     (out / f"overhead{suffix}.md").write_text("\n".join(lines) + "\n")

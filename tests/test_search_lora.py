@@ -152,3 +152,45 @@ def test_lora_search_with_gradient_checkpointing_trains_the_same_adapters():
     for name, value in plain_adapters.items():
         assert value.abs().sum() > 0 or "lora_A" in name
         torch.testing.assert_close(checkpointed_adapters[name], value, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["structure", "lora"])
+def test_a_dropped_layer_runs_no_backward_and_the_search_is_unchanged(calib, mode):
+    """A layer whose mask is 0 passes its block no gradient: the search cuts the block's backward
+    there. Everything it learns (ratios, importances, adapters, losses) must stay bit-identical."""
+    require_shared()
+
+    def run(skip):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+        masks = MaskSet(model)
+        masks.skip_dropped_backward = skip
+        cut = []  # (step's dropped layers, whether their head masks got a gradient)
+        collect = masks.collect_scores
+
+        def spy(scale=1.0):
+            dropped = sorted(masks._dropped)
+            heads = masks.active.get("heads") if "heads" not in masks.frozen else None
+            if dropped and heads is not None:
+                cut.append((dropped, [heads[i].grad is None for i in dropped]))
+            collect(scale)
+
+        masks.collect_scores = spy
+        counter = ParamCounter.from_model(model, masks.adapter)
+        budget = resolve_budget(counter, ratio=0.5)
+        config = SearchConfig(**{**QUICK, "mode": mode, "steps": 30, "layer_score_every": 10})
+        result = search(model, masks, counter, budget, calib.calib, config, progress=False, keep_adapters=True)
+        state = {**masks.state_dict(), **{n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}}
+        return result, state, cut
+
+    skipped, skipped_state, skipped_cut = run(True)
+    full, full_state, full_cut = run(False)
+    assert skipped_cut, "no layer was dropped while the search still learned: the test checks nothing"
+    assert all(all(no_grad) for _, no_grad in skipped_cut)  # the dropped blocks ran no backward
+    assert all(not any(no_grad) for _, no_grad in full_cut)  # the reference back-propagated zeros
+    assert [d for d, _ in skipped_cut] == [d for d, _ in full_cut]
+    assert skipped.architecture == full.architecture
+    assert [h["task_loss"] for h in skipped.history] == [h["task_loss"] for h in full.history]
+    assert skipped_state.keys() == full_state.keys()
+    for name, value in full_state.items():
+        assert torch.equal(skipped_state[name], value), name
