@@ -90,7 +90,6 @@ class MaskSet:
         # layers whose mask is 0 at the last refresh: their blocks get no backward (see _output_hook)
         self.skip_dropped_backward = True
         self._dropped: set[int] = set()
-        self._refreshed_layer_mask: Tensor | None = None
         self._handles: list = []
         self._attach()
 
@@ -127,13 +126,13 @@ class MaskSet:
             if self.active is None:
                 return None
             first = output[0] if isinstance(output, tuple) else output
-            layer_mask = self.active["layers"][0]
-            if self.skip_dropped_backward and index in self._dropped and layer_mask is self._refreshed_layer_mask:
+            if self.skip_dropped_backward and index in self._dropped:
                 # the layer's mask is 0 in the forward, so every gradient into the block is exactly
                 # zero: cut it there, so the backward skips the block (only the mask's own gradient,
-                # sum(grad * output), is needed) and the block's saved activations are freed now
+                # sum(grad * output), is needed) and the block's saved activations are freed now.
+                # (Layer scoring swaps the layer mask after its refresh, but without gradients.)
                 first = first.detach()
-            scaled = first * layer_mask[index].to(device=first.device, dtype=first.dtype)
+            scaled = first * self.active["layers"][0][index].to(device=first.device, dtype=first.dtype)
             return (scaled, *output[1:]) if isinstance(output, tuple) else scaled
 
         return hook
@@ -208,9 +207,8 @@ class MaskSet:
                 if mask.requires_grad:
                     mask.retain_grad()
             self.active[kind] = masks
-        layer_mask = self.active.get("layers", [None])[0]
-        self._refreshed_layer_mask = layer_mask
         # one host read per refresh (not per layer): which layers the forward drops
+        layer_mask = self.active.get("layers", [None])[0]
         self._dropped = set() if layer_mask is None else {i for i, v in enumerate(layer_mask.tolist()) if v == 0.0}
 
     def deactivate(self) -> None:
