@@ -8,6 +8,8 @@ Random weights with the real configs are written once to ``--work-dir`` (safeten
 checkpoint) by a separate process; every model's stages then run in a fresh process:
 
 - ``load``: ``dms_llm.load_model`` of the folder;
+- ``perplexity``: ``dms_llm.evaluate.perplexity`` of 8 windows of 128 tokens on the model as loaded
+  (trainable weights), as ``dms-llm prune`` evaluates the dense model and ``dms-llm eval`` any;
 - ``search step``: steps of the real ``search`` at the default settings (8 blocks x 128 tokens,
   weights frozen), timed between steps; peak = weights + activations;
 - ``layer scoring`` / ``first scoring``: ``measure_layer_scores`` at the default settings (a later
@@ -135,6 +137,7 @@ def run_stages(name: str, folder: Path, args) -> dict:
     from dms_llm.budget import ParamCounter, resolve_budget
     from dms_llm.checkpoint import load_model, save_pruned
     from dms_llm.config import PruneConfig, SearchConfig
+    from dms_llm.evaluate import perplexity
     from dms_llm.layer_scores import ScoreBudget, measure_layer_scores
     from dms_llm.pipeline import masks_for
     from dms_llm.search_loop import search
@@ -153,6 +156,8 @@ def run_stages(name: str, folder: Path, args) -> dict:
     generator = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, model.config.vocab_size, (64, config.data.seq_len), generator=generator)
     batch = blocks[: defaults.batch_size].to(device)
+    with Stage("perplexity", device, record):  # weights as loaded: trainable, as prune's dense evaluation
+        perplexity(model, blocks[: defaults.batch_size].flatten(), config.data.seq_len, defaults.batch_size)
     label, dtype = CONFIGS[name][:2]
     result = {"model": label, "dtype": dtype, "params": counter.total, "weights_gib": weights / GIB}
 

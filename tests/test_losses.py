@@ -112,3 +112,22 @@ def test_a_biased_head_gets_the_same_loss_and_gradients(small_chunks):
     assert loss.item() == pytest.approx(full.item(), abs=1e-12)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(chunked[name], parameter.grad, atol=1e-12, rtol=0, msg=name)
+
+
+def test_evaluating_a_trainable_model_takes_no_gradient(small_chunks, monkeypatch):
+    """A model as loaded has trainable weights; its perplexity (under no_grad) must not take
+    lm_head's gradient chunk by chunk (the chunked head's forward sees requires_grad there)."""
+    from dms_llm.evaluate import perplexity
+
+    model = make_tiny("llama_gqa").requires_grad_(True)
+    tokens = torch.randint(0, 128, (4 * 17,), generator=torch.Generator().manual_seed(3))
+    grads_taken = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grads_taken.append(1) or real_grad(*a, **k))
+    trainable = perplexity(model, tokens, seq_len=17)
+    assert grads_taken == []
+    frozen = perplexity(model.requires_grad_(False), tokens, seq_len=17)
+    assert trainable == frozen
+    # the spy sees the gradients a training loss takes, chunk by chunk
+    causal_lm_loss(model.requires_grad_(True), tokens.view(4, 17))
+    assert len(grads_taken) == 4 * 16 // 5 + 1
