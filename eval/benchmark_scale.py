@@ -1,7 +1,7 @@
 """What each pipeline stage costs at real model sizes: wall time and peak memory per stage.
 
     python eval/benchmark_scale.py                        # Llama-3.2-1B shape (fp32) + Llama-2-7B shape (bf16)
-    python eval/benchmark_scale.py --models 1b --steps 3   # one model
+    python eval/benchmark_scale.py --models 1b --steps 2   # one model, fewer timed steps
     python eval/benchmark_scale.py --device cuda --models 7b,8b --dtype bfloat16   # on a GPU
 
 Random weights with the real configs are written once to ``--work-dir`` (safetensors, like a Hub
@@ -15,7 +15,8 @@ checkpoint) by a separate process; every model's stages then run in a fresh proc
 - ``layer scoring`` / ``first scoring``: ``measure_layer_scores`` at the default settings (a later
   scoring, and the first, which adds a block-influence pass); their share of a default search
   (the first + the later ones, over 300 steps) is reported;
-- ``plain fwd+bwd``: the same batch through the plain model with every weight trainable;
+- ``plain fwd+bwd``: the same batch through the plain model with every weight trainable, as many
+  times as the timed search steps; step times are medians;
 - ``search step (lora)``: the same steps with ``search.mode=lora`` (LoRA r=8 adapters on every
   projection train with the keep ratios; merged into the weights at the end), compared with the
   structure-mode step's peak;
@@ -37,6 +38,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -170,7 +172,7 @@ def run_stages(name: str, folder: Path, args) -> dict:
             # step 0 also measures the layer scores: the step time is taken from the later steps
             outcome = search(model, masks, counter, budget, blocks, search_config, progress=False,
                              on_step=lambda step, _: stamps.append(time.perf_counter()))  # fmt: skip
-        step_seconds = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        step_seconds = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
         record["search step"] = {"seconds": round(step_seconds, 3), "peak_gib": record.pop("search")["peak_gib"]}
         score_blocks = blocks[: defaults.score_blocks]
         head = model.get_output_embeddings().weight.numel()
@@ -180,11 +182,16 @@ def run_stages(name: str, folder: Path, args) -> dict:
         masks.importance["layers"][0].zero_()
         with Stage("first scoring", device, record):  # the first: an extra block-influence pass
             measure_layer_scores(model, masks, score_blocks, budget_of_scoring)
+        plain_seconds = []
         with Stage("plain fwd+bwd", device, record):
             model.requires_grad_(True)
             model.train()
-            model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-        model.zero_grad(set_to_none=True)
+            for _ in range(args.steps):  # as many as the timed search steps: one sample is too noisy
+                start = time.perf_counter()
+                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+                model.zero_grad(set_to_none=True)
+                plain_seconds.append(time.perf_counter() - start)
+        record["plain fwd+bwd"]["seconds"] = round(statistics.median(plain_seconds), 3)
         model.requires_grad_(False).eval()
         masks.remove()
         lora_masks, lora_stamps = masks_for(model, config), []
@@ -195,7 +202,7 @@ def run_stages(name: str, folder: Path, args) -> dict:
                    on_step=lambda step, _: lora_stamps.append(time.perf_counter()))  # fmt: skip
         lora_masks.remove()
         masks = masks_for(model, config)
-        lora_seconds = (lora_stamps[-1] - lora_stamps[0]) / (len(lora_stamps) - 1)
+        lora_seconds = statistics.median(b - a for a, b in zip(lora_stamps, lora_stamps[1:]))
         record["search step (lora)"] = {
             "seconds": round(lora_seconds, 3),
             "peak_gib": record.pop("search (lora)")["peak_gib"],
@@ -280,7 +287,7 @@ def write_results(results: list[dict], args, command: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="1b,7b")
-    parser.add_argument("--steps", type=int, default=2, help="timed search steps (0: skip the search stages)")
+    parser.add_argument("--steps", type=int, default=3, help="timed search (and plain) steps, medians (0: no search)")
     parser.add_argument("--search-models", default="1b", help="models whose search stages run (CPU: the 7B is slow)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dms-llm-scale")
