@@ -63,6 +63,18 @@ def architecture(block: str) -> list[str]:
     return [line.rstrip() for line in block.splitlines() if line.startswith(("│", "parameters:", "non-embedding"))]
 
 
+def sizes(block: str) -> tuple[list[str], int, int, list[str]]:
+    """What reproduces on every CPU: which layers are kept, the kept KV heads and MLP channels in
+    all, and the parameter lines. Which of two nearly tied heads or channels a layer keeps depends
+    on the float rounding of the machine's kernels (an AMD EPYC with AVX-512 chose differently from
+    the machine that wrote the README, at the same sizes)."""
+    rows = [[cell.strip() for cell in line.strip("│").split("│")] for line in architecture(block) if line[0] == "│"]
+    kept = [row[1] for row in rows]
+    heads = sum(int(row[2].split("/")[0]) for row in rows if row[1] == "yes")
+    channels = sum(int(row[4].split("/")[0]) for row in rows if row[1] == "yes")
+    return kept, heads, channels, [line for line in architecture(block) if line[0] != "│"]
+
+
 def check(readme: str, example: bool = True) -> list[str]:
     """What differs; ``example=False`` leaves out the example (its test runs the command itself)."""
     problems = []

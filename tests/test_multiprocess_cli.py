@@ -74,7 +74,7 @@ def test_two_rank_lora_search_follows_the_one_process_search(tmp_path):
     # --mode lora: the adapters' gradients are averaged over the ranks like the keep ratios'. Unaveraged,
     # each rank's adapters would fit its own half of the blocks and the sizes would part within steps;
     # averaged, the ranks differ from one process only by summation order, which the trained adapters
-    # carry until a late channel choice may differ
+    # carry until a late channel choice may differ (how late depends on the CPU's float rounding)
     require_shared()
     lora = [*PINNED, "--mode", "lora", "--loss", "kd", "--no-eval"]
     one = _run([sys.executable, "-m", "dms_llm", *lora, "-o", "one", "search.grad_accum=2"], tmp_path)
@@ -85,7 +85,13 @@ def test_two_rank_lora_search_follows_the_one_process_search(tmp_path):
     assert reports[1]["settings"]["search"]["mode"] == "lora" and reports[1]["search"]["processes"] == 2
     sizes = [[h["params"] for h in report["search"]["history"]] for report in reports]
     assert sizes[0][:20] == sizes[1][:20]
-    assert reports[0]["params"]["after"] == reports[1]["params"]["after"]
+    # the late channel choice may differ (it did on an AMD EPYC, AVX-512: 194,816 vs 195,008 params),
+    # so the final sizes agree as the budget does: both land at or under the target, within tolerance
+    from dms_llm.budget import BUDGET_TOLERANCE
+
+    for report in reports:
+        params = report["params"]
+        assert params["target"] - BUDGET_TOLERANCE * params["before"] <= params["after"] <= params["target"]
     with safe_open(tmp_path / "two" / "model.safetensors", "pt") as weights:
         assert not any("lora" in name for name in list(weights.keys()))
 
