@@ -16,6 +16,8 @@ from pathlib import Path
 from .cli_prune import _check_text_source, _prune_config, cmd_prune  # noqa: F401 (_prune_config: tests)
 from .errors import DMSError
 
+DEVICE_MAP_HELP = "auto: spread the model's layers over all GPUs of this process (a model larger than one GPU)"
+
 # flag -> (config key, type, help)
 PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--ratio": ("ratio", float, "fraction of the total parameter count to remove, e.g. 0.2"),
@@ -53,7 +55,7 @@ PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--grad-accum": ("search.grad_accum", int, "micro-batches per step and process"),
     "--dtype": ("dtype", str, "auto, float32, bfloat16 or float16"),
     "--device": ("device", str, "auto, cpu, cuda, cuda:N"),
-    "--device-map": ("device_map", str, "auto: spread the model's layers over all GPUs of this process"),
+    "--device-map": ("device_map", str, DEVICE_MAP_HELP),
     "--eval-seq-len": ("eval.seq_len", int, "perplexity window in tokens (default 128)"),
     "--eval-ppl": ("eval.ppl", str, "also evaluate perplexity on: wikitext2,ptb,c4 or text files"),
     "--eval-tasks": ("eval.tasks", str, "also run lm-eval tasks (names, or 'default' for the 7 standard)"),
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--dtype", default="auto")
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--device-map", help=DEVICE_MAP_HELP)
     evaluate.set_defaults(func=cmd_eval)
 
     recover = verbs.add_parser("recover", help="LoRA-recover a pruned model (optionally distilled) and merge")
@@ -132,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--seed", type=int, default=0)
     recover.add_argument("--dtype", default="auto")
     recover.add_argument("--device", default="auto")
+    recover.add_argument("--device-map", help=DEVICE_MAP_HELP)
     recover.add_argument("--quiet", action="store_true")
     recover.set_defaults(func=cmd_recover)
 
@@ -180,7 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     load_config(args.model)  # a missing folder or a folder without config fails before anything loads
     for source in config.ppl:
         _check_text_source(source)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     sources = prepare_perplexity_sources(tokenizer, config.ppl)
     result = evaluate_model(model, tokenizer, config, sources, progress=True)
     result.update({"model": args.model, "settings": vars(config), "versions": versions()})
@@ -258,11 +262,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     data = teacher = None
     if args.distill:  # the dense model's targets first, then it is freed: never two models in memory
-        dense, dense_tokenizer = load_model(teacher_name, dtype=args.dtype, device=args.device)
+        dense, dense_tokenizer = load_model(teacher_name, args.dtype, args.device, args.device_map)
         data, teacher = recovery_teacher(dense, dense_tokenizer, config, args.seed)
         del dense
     with claim_output(output):  # one run at a time into this folder
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map)
         checkpoints = output.with_name(f"{output.name}-checkpoints") if args.save_every else None
         model, info = recover(model, tokenizer, config, teacher, args.seed, not args.quiet, checkpoints, data)
         report["recovery"] = info

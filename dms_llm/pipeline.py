@@ -28,7 +28,7 @@ from .losses import teacher_targets
 from .masks import MaskSet
 from .report import PruneReport
 from .search_loop import SearchResult, search
-from .sharding import gather_model, is_sharded
+from .sharding import check_pruned_fits_main_device, gather_model, is_sharded
 from .slicing import slice_model
 
 
@@ -81,8 +81,13 @@ def prune(
     config = dataclasses.replace(config, search=config.search.resolved())  # "auto" made concrete
     evaluates = main or sharded
     heldout = evaluates and config.eval.heldout and data.heldout.numel() >= seq_len
-    dense_ppl = perplexity(model, data.heldout, seq_len, config.eval.batch_size) if heldout else None
     full_eval = evaluates and bool(config.eval.ppl or config.eval.tasks)
+    uses = [name for name, runs in (("the held-out perplexity", heldout), ("--ppl/--tasks", full_eval),
+                                    ("LoRA recovery", bool(config.recover.method))) if runs]  # fmt: skip
+    if sharded and uses:  # they run on main's GPU, whole: refused now rather than after the search
+        check_pruned_fits_main_device(model, budget.target, " and ".join(uses))
+
+    dense_ppl = perplexity(model, data.heldout, seq_len, config.eval.batch_size) if heldout else None
     if full_eval:  # the dense model is evaluated now: the search below prunes it in place
         sources = prepare_perplexity_sources(tokenizer, config.eval.ppl)
         dense_eval = evaluate_model(model, tokenizer, config.eval, sources, progress=progress and main)

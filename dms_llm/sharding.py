@@ -16,6 +16,9 @@ the chunked loss multiplies by ``lm_head.weight`` itself, and a tied head is the
   holds a whole layer it does not own, and nothing goes through a full host copy.
 - ``gather_model`` gives the main rank the whole model on the host after the search (for
   slicing and saving); the other ranks get None.
+- ``check_pruned_fits_main_device``: the pruned model's evaluation and recovery run whole on the
+  main rank's GPU, so a run whose pruned model cannot fit there is refused before the search,
+  not after it.
 
 Example:
     >>> model = load_sharded("meta-llama/Llama-3.1-70B", torch.bfloat16, torch.device("cuda", 0))  # doctest: +SKIP
@@ -163,3 +166,46 @@ def local_weight_bytes(model: nn.Module) -> int:
         seen.add(local.data_ptr())
         total += local.numel() * local.element_size()
     return total
+
+
+# what evaluation and LoRA recovery need on top of the pruned weights (activations, adapters, logits)
+EVAL_HEADROOM = 1.1
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Bytes a whole model could still take on ``device``; None where the host holds it (no GPU limit)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
+
+
+def check_pruned_fits(pruned_bytes: int, free_bytes: int | None, uses: str) -> None:
+    """Refuse a sharded run whose pruned model (``pruned_bytes``) cannot be evaluated or recovered
+    on the main rank's GPU (``free_bytes`` there; None: no limit). ``uses`` names what needs it.
+
+    Example:
+        >>> check_pruned_fits(112 * 10**9, 60 * 10**9, "the held-out perplexity")  # doctest: +SKIP
+        DMSError: the pruned model (112.0 GB) will not fit on the main rank's GPU (60.0 GB free) ...
+    """
+    if free_bytes is None or pruned_bytes * EVAL_HEADROOM <= free_bytes:
+        return
+    raise DMSError(
+        f"the pruned model ({pruned_bytes / 1e9:.1f} GB) will not fit on the main rank's GPU "
+        f"({free_bytes / 1e9:.1f} GB free beside its shard), where {uses} would run after the search. "
+        "Pass --no-eval (and leave out --ppl, --tasks and --recover) to prune and save it, then evaluate "
+        "with `dms-llm eval OUTPUT --device-map auto` and recover with `dms-llm recover`"
+    )
+
+
+def check_pruned_fits_main_device(model: nn.Module, pruned_params: int, uses: str) -> None:
+    """``check_pruned_fits`` for a sharded ``model`` with the main rank's free GPU memory, sent to every
+    rank so that all of them raise the same error (none is left waiting in a collective)."""
+    device = model.get_input_embeddings().weight.device
+    free = device_free_bytes(device)
+    main_free = torch.tensor([-1 if free is None else free], dtype=torch.int64)
+    if dist.is_initialized():
+        main_free = main_free.to(device)
+        dist.broadcast(main_free, src=0)
+    element = next(model.parameters()).dtype.itemsize
+    free_on_main = int(main_free.item())
+    check_pruned_fits(pruned_params * element, None if free_on_main < 0 else free_on_main, uses)

@@ -65,3 +65,13 @@ def test_bf16_search_with_gradient_checkpointing_lands_on_the_budget():
     assert budget.floor <= result.params <= budget.target
     assert all(isinstance(v, float) for v in masks.keep_ratios["channels"].tolist())
     assert masks.keep_ratios["channels"].dtype == torch.float32  # masks stay fp32 under bf16 weights
+
+
+def test_free_bytes_of_a_gpu_count_what_this_process_already_holds():
+    from dms_llm.sharding import device_free_bytes
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    before = device_free_bytes(device)
+    held = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)  # 256 MiB
+    assert 0 < before <= torch.cuda.get_device_properties(device).total_memory
+    assert device_free_bytes(device) == before - held.numel()

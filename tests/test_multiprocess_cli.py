@@ -218,3 +218,63 @@ def test_an_fsdp_launch_for_a_whole_model_is_refused():
     with pytest.raises(DMSError, match="load it with dms_llm.load_sharded"):
         check_distributed(FsdpRank())
     check_distributed(FsdpRank(), sharded=True)  # a sharded model is what FSDP asks for
+
+
+def test_check_pruned_fits_needs_the_pruned_weights_and_headroom_on_the_main_gpu():
+    from dms_llm.errors import DMSError
+    from dms_llm.sharding import check_pruned_fits
+
+    check_pruned_fits(10**12, None, "the held-out perplexity")  # on the host: no GPU limit
+    check_pruned_fits(10**9, 2 * 10**9, "the held-out perplexity")
+    with pytest.raises(DMSError, match=r"\(112\.0 GB\).*\(60\.0 GB free.*held-out perplexity.*--no-eval.*--device-map"):
+        check_pruned_fits(112 * 10**9, 60 * 10**9, "the held-out perplexity")  # Llama-2-70B at 0.2, bf16
+    with pytest.raises(DMSError, match="will not fit"):
+        check_pruned_fits(10**9, 10**9, "LoRA recovery")  # the weights alone, no room for activations
+
+
+class _SearchReached(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        ([], "the held-out perplexity"),  # the defaults evaluate the pruned model on main
+        (["eval.heldout=false"], None),
+        (["eval.heldout=false", "recover.method=lora"], "LoRA recovery"),
+        (["eval.heldout=false", f"eval.ppl={TINYSTORIES}"], "--ppl/--tasks"),
+    ],
+)
+def test_a_sharded_prune_too_big_for_main_gpu_is_refused_before_any_work(monkeypatch, settings, refused):
+    """A sharded 70B prune evaluates and recovers the pruned model whole on the main rank's GPU: one
+    larger than that GPU used to fail there after the whole search. The pipeline (each rank calling
+    it with main's free memory) refuses at once instead; without evaluation or recovery it goes on."""
+    require_shared()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import dms_llm.pipeline as pipeline
+    import dms_llm.sharding as sharding
+    from dms_llm.config import PruneConfig, apply_overrides
+    from dms_llm.errors import DMSError
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    monkeypatch.setattr(pipeline, "is_sharded", lambda _: True)
+    monkeypatch.setattr(sharding, "device_free_bytes", lambda _: 100_000)  # the pruned model needs ~0.8 MB
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the dense model was evaluated before the refusal")
+
+    def search_reached(*args, **kwargs):
+        raise _SearchReached
+
+    monkeypatch.setattr(pipeline, "perplexity", no_evaluation)
+    monkeypatch.setattr(pipeline, "_search", search_reached)
+    base = [f"data.calib={TINYSTORIES}", "data.num_blocks=16", "search.loss=task"]
+    config = apply_overrides(PruneConfig(ratio=0.25), base + settings)
+    if refused is None:
+        with pytest.raises(_SearchReached):
+            pipeline.prune(model, tokenizer, config, progress=False)
+    else:
+        with pytest.raises(DMSError, match=rf"\(0\.0 GB free beside its shard\), where {refused}.*--no-eval"):
+            pipeline.prune(model, tokenizer, config, progress=False)

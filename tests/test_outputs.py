@@ -108,3 +108,24 @@ def test_without_a_network_a_hub_lookup_fails_in_seconds(tmp_path, argv, message
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
     assert elapsed < 30  # was ~31 s of retries for the model lookup alone; most of this is Python's start
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] or not list(tmp_path.iterdir())
+
+
+def test_eval_with_a_device_map_loads_through_accelerate_and_scores_the_same(tmp_path, monkeypatch, capsys):
+    """`dms-llm eval --device-map auto` (the way to score a pruned model larger than one GPU, as the
+    sharded prune's refusal advises) takes transformers' dispatching loader, with the same result."""
+    require_shared()
+    import dms_llm.checkpoint as checkpoint
+
+    text = tmp_path / "short.txt"
+    text.write_text(TINYSTORIES.read_text()[:4000])
+    maps = []
+    real = checkpoint.load_causal_lm
+    monkeypatch.setattr(checkpoint, "load_causal_lm", lambda *a: maps.append(a[3]) or real(*a))
+    scores = {}
+    for name, extra in (("plain", []), ("mapped", ["--device-map", "auto"])):
+        argv = ["eval", str(STORIES), "--ppl", str(text), "--seq-len", "32", "--output", str(tmp_path / f"{name}.json")]
+        code, out, err = _cli([*argv, *extra], capsys)
+        assert code == 0, err
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["perplexity"]
+    assert maps == [None, "auto"]
+    assert scores["mapped"] == pytest.approx(scores["plain"], rel=1e-6)
