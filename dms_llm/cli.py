@@ -231,6 +231,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from .config import RecoverConfig
     from .output_lock import claim_output
 
+    if args.quiet:  # transformers' own bars too (loading, "Writing model shards"), as prune --quiet
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+
     config = RecoverConfig(
         method="lora",
         data=args.data,

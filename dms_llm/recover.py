@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,7 +44,9 @@ def attach_lora(model: nn.Module, config: RecoverConfig) -> nn.Module:
         target_modules=list(config.target_modules),
         task_type="CAUSAL_LM",
     )
-    return peft.get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft 0.21 reads a property transformers 5 deprecates: not the user's to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, lora)
 
 
 def merge_lora(peft_model: nn.Module) -> nn.Module:

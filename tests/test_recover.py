@@ -188,6 +188,8 @@ def test_recover_command_distils_from_the_model_named_in_the_report(tmp_path, st
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "held-out perplexity of the recovery data" in result.stdout
+    # --quiet: no progress bars (transformers' "Writing model shards" included) and no library warnings
+    assert result.stderr.strip() == "", result.stderr[-2000:]
     saved = json.loads((out / "report.json").read_text())
     assert saved["recovery"]["distill"] is True and saved["recovery"]["steps"] == 30
     assert saved["params"] == report.params  # the pruning record is kept
