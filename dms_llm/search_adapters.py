@@ -93,6 +93,10 @@ def merge_search_adapters(model: nn.Module) -> int:
         setattr(model.get_submodule(parent_name), child, module.get_base_layer())
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    # inject_adapter_in_model leaves its config on the model: a later get_peft_model (recovery) would
+    # take the merged adapters for live ones ("multiple adapters" warning) and write into that dict
+    if hasattr(model, "peft_config"):
+        del model.peft_config
     return len(wrapped)
 
 

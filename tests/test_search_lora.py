@@ -42,6 +42,7 @@ def _masked_then_merged_and_sliced(model, masks, result, tokens):
     masks.remove()
     assert merge_search_adapters(model) == 7 * model.config.num_hidden_layers
     assert not any("lora" in name for name, _ in model.named_parameters())
+    assert not hasattr(model, "peft_config")  # a plain model: recovery's peft wraps it afresh
     slice_model(model, result.architecture)
     assert sum(p.numel() for p in model.parameters()) == result.params  # the count == numel()
     with torch.no_grad():
