@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .activation_checkpointing import set_activation_checkpointing
 from .config import DataConfig, RecoverConfig
 from .data import CalibrationData, calibration_blocks
 from .errors import DMSError
@@ -92,7 +93,7 @@ def train_lora(
     torch.manual_seed(seed)
     device = peft_model.get_input_embeddings().weight.device
     if config.gradient_checkpointing:
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(peft_model, True)
         peft_model.enable_input_require_grads()
     peft_model.train()
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
@@ -124,7 +125,7 @@ def train_lora(
         if checkpoint_dir and config.save_every and (step + 1) % config.save_every == 0:
             peft_model.save_pretrained(Path(checkpoint_dir) / f"step-{step + 1}")  # adapter safetensors
     if config.gradient_checkpointing:
-        peft_model.gradient_checkpointing_disable()
+        set_activation_checkpointing(peft_model, False)
     peft_model.eval()
     return history
 

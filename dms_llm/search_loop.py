@@ -40,6 +40,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from .activation_checkpointing import set_activation_checkpointing
 from .architecture import Architecture
 from .budget import Budget, ParamCounter, budget_penalty
 from .config import SearchConfig
@@ -136,7 +137,7 @@ def search(
         adapters = attach_search_adapters(model, masks.adapter, config)
         masks.reattach()
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     # transformers only checkpoints in training mode; Llama-family models have no dropout
     model.train(config.gradient_checkpointing or joint)
     optimizers = {"ratios": torch.optim.Adam(masks.parameters(), lr=config.lr)}
@@ -268,7 +269,7 @@ def search(
     result.params = count_params(counter, landed.kept_layers, masks.counts(landed))
     result.seconds = time.perf_counter() - start
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        set_activation_checkpointing(model, False)
     model.requires_grad_(False)
     model.eval()
     if lora and not keep_adapters:

@@ -87,13 +87,14 @@ def build_model(name: str, device: str, dtype: torch.dtype):
 
 def run_phase(args) -> dict:
     """One phase in this process; returns its timings and peak memory."""
+    from dms_llm.activation_checkpointing import set_activation_checkpointing
     from dms_llm.budget import ParamCounter, budget_penalty, resolve_budget
     from dms_llm.masks import MaskSet
 
     dtype = getattr(torch, args.dtype)
     model = build_model(args.model, args.device, dtype)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
         model.train()
     else:
         model.eval()

@@ -2,6 +2,7 @@
 
 import gc
 import json
+import warnings
 
 import pytest
 import torch
@@ -65,6 +66,27 @@ def test_recovery_depends_on_its_seed_only(stories):
         recovered, _ = recover(fresh.eval(), tokenizer, config, seed=5, progress=False, data=data)
         weights.append(recovered.model.layers[0].mlp.down_proj.weight.clone())
     assert torch.equal(weights[0], weights[1])
+
+
+def test_recovery_with_activation_checkpointing_trains_the_same_weights(stories):
+    # non-reentrant recomputation is exact; and no deprecated transformers call (a FutureWarning each run)
+    require_shared()
+    model, tokenizer = stories
+    config = recover_config(steps=3, num_blocks=32)
+    data = recovery_data(tokenizer, config)
+    weights = []
+    for checkpointing in (False, True):
+        fresh = type(model)(model.config)
+        fresh.load_state_dict(model.state_dict())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            settings = recover_config(steps=3, num_blocks=32, gradient_checkpointing=checkpointing)
+            recovered, _ = recover(fresh.eval(), tokenizer, settings, seed=5, progress=False, data=data)
+        weights.append(recovered.model.layers[0].mlp.down_proj.weight.clone())
+    name = "is_activation_checkpointing" if hasattr(type(recovered), "is_activation_checkpointing") else ""
+    assert not getattr(recovered, name or "is_gradient_checkpointing")  # switched off again after training
+    torch.testing.assert_close(weights[1], weights[0], atol=1e-6, rtol=0)
+    assert not torch.equal(weights[0], model.model.layers[0].mlp.down_proj.weight)  # it did train
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
