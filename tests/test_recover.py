@@ -51,6 +51,14 @@ def test_recovery_lowers_heldout_perplexity(stories):
     assert sum(p.numel() for p in recovered.parameters()) == params  # merged: same size, no adapters
 
 
+def _recover_a_copy(model, tokenizer, config, data):
+    """Recover a fresh copy of ``model`` (seed 5); returns (the recovered model, one trained weight)."""
+    fresh = type(model)(model.config)
+    fresh.load_state_dict(model.state_dict())
+    recovered, _ = recover(fresh.eval(), tokenizer, config, seed=5, progress=False, data=data)
+    return recovered, recovered.model.layers[0].mlp.down_proj.weight.clone()
+
+
 def test_recovery_depends_on_its_seed_only(stories):
     # the adapters' init once drew from whatever global RNG state came before: two recoveries with
     # the same seed differed from run to run (and in the quality benchmark, from row to row)
@@ -61,10 +69,7 @@ def test_recovery_depends_on_its_seed_only(stories):
     weights = []
     for noise in (1, 2):
         torch.manual_seed(noise)  # unrelated randomness before the call
-        fresh = type(model)(model.config)
-        fresh.load_state_dict(model.state_dict())
-        recovered, _ = recover(fresh.eval(), tokenizer, config, seed=5, progress=False, data=data)
-        weights.append(recovered.model.layers[0].mlp.down_proj.weight.clone())
+        weights.append(_recover_a_copy(model, tokenizer, config, data)[1])
     assert torch.equal(weights[0], weights[1])
 
 
@@ -72,17 +77,14 @@ def test_recovery_with_activation_checkpointing_trains_the_same_weights(stories)
     # non-reentrant recomputation is exact; and no deprecated transformers call (a FutureWarning each run)
     require_shared()
     model, tokenizer = stories
-    config = recover_config(steps=3, num_blocks=32)
-    data = recovery_data(tokenizer, config)
+    data = recovery_data(tokenizer, recover_config(steps=3, num_blocks=32))
     weights = []
     for checkpointing in (False, True):
-        fresh = type(model)(model.config)
-        fresh.load_state_dict(model.state_dict())
+        config = recover_config(steps=3, num_blocks=32, gradient_checkpointing=checkpointing)
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
-            settings = recover_config(steps=3, num_blocks=32, gradient_checkpointing=checkpointing)
-            recovered, _ = recover(fresh.eval(), tokenizer, settings, seed=5, progress=False, data=data)
-        weights.append(recovered.model.layers[0].mlp.down_proj.weight.clone())
+            recovered, weight = _recover_a_copy(model, tokenizer, config, data)
+        weights.append(weight)
     name = "is_activation_checkpointing" if hasattr(type(recovered), "is_activation_checkpointing") else ""
     assert not getattr(recovered, name or "is_gradient_checkpointing")  # switched off again after training
     torch.testing.assert_close(weights[1], weights[0], atol=1e-6, rtol=0)
