@@ -28,7 +28,7 @@ from .losses import teacher_targets
 from .masks import MaskSet
 from .report import PruneReport
 from .search_loop import SearchResult, search
-from .sharding import check_pruned_fits_main_device, gather_model, is_sharded
+from .sharding import check_pruned_fits_main_device, gather_pruned, is_sharded
 from .slicing import slice_model
 
 
@@ -120,12 +120,13 @@ def prune(
         result = _search(model, config, adapter, counter, budget, data, accelerator, progress, search_teacher,
                          state_dir, resume)  # fmt: skip
     search_teacher = None  # the search's targets are done with: not held through slicing and recovery
-    if sharded:  # main slices and saves the whole model; the other ranks are done
+    if sharded:  # main gathers the pruned model (sliced layer by layer) and saves it; the others are done
         search_device = model.get_input_embeddings().weight.device
-        model = gather_model(model)
+        model = gather_pruned(model, result.architecture, config.layout, adapter)
         if not main:
             return None, None
-    slice_model(model, result.architecture, config.layout, adapter)
+    else:
+        slice_model(model, result.architecture, config.layout, adapter)
     if sharded and (heldout or full_eval or config.recover.method):  # evaluated and recovered on main's GPU
         model.to(search_device)
 

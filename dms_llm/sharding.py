@@ -14,8 +14,8 @@ the chunked loss multiplies by ``lm_head.weight`` itself, and a tied head is the
 
 - ``load_sharded`` reads each rank's rows straight from the safetensors files: no rank ever
   holds a whole layer it does not own, and nothing goes through a full host copy.
-- ``gather_model`` gives the main rank the whole model on the host after the search (for
-  slicing and saving); the other ranks get None.
+- ``gather_pruned`` gives the main rank the pruned model on the host after the search, each
+  layer sliced as it is gathered; the other ranks get None.
 - ``check_pruned_fits_main_device``: the pruned model's evaluation and recovery run whole on the
   main rank's GPU, so a run whose pruned model cannot fit there is refused before the search,
   not after it.
@@ -120,24 +120,59 @@ def _fill_shards(handle, params: dict, dtype: torch.dtype, device: torch.device,
     return set(handle.keys())
 
 
-def gather_model(model: nn.Module) -> nn.Module | None:
-    """The whole model on the host of the main rank (None on the others); every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def gather_pruned(model: nn.Module, arch, layout: str = "per_layer", adapter=None) -> nn.Module | None:
+    """The model sliced to ``arch`` on the main rank's host (None on the others); every rank calls it.
 
+    The layers are gathered one at a time and each is sliced as soon as it arrives, so the main
+    rank's host never holds more than the pruned model and one whole layer (a 70B model pruned by
+    half: 69 GB, not 138 GB), and a dropped layer is never gathered at all.
+
+    Example:
+        >>> pruned = gather_pruned(sharded_model, result.architecture)   # doctest: +SKIP
+    """
+    from torch.distributed.tensor import DTensor
+
+    from .adapters import get_adapter
     from .checkpoint import empty_model
+    from .slicing import check_slicing, finish_slicing, slice_layer
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
-    buffers = {name: buffer.to("cpu") for name, buffer in model.named_buffers()}
-    if dist.get_rank() != 0:
+    adapter = adapter or get_adapter(model.config)
+    geometry = check_slicing(model, arch, layout, adapter)  # on every rank: all raise, or none
+    main = dist.get_rank() == 0
+    whole = empty_model(model.config) if main else None
+
+    def host(tensor: torch.Tensor) -> torch.Tensor:  # collective for a shard: every rank runs it
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        return full.detach().to("cpu")
+
+    layers, prefix = adapter.decoder_layers(model), adapter.layers_path + "."
+    for index in arch.kept_layers:
+        for name, param in layers[index].named_parameters():
+            tensor = host(param)
+            if main:
+                _put(adapter.decoder_layers(whole)[index], name, tensor)
+        if main:
+            slice_layer(adapter.decoder_layers(whole)[index], index, arch, geometry, adapter)
+    for name, param in model.named_parameters():  # embedding, final norm, head: replicated
+        if not name.startswith(prefix):
+            tensor = host(param)
+            if main:
+                _put(whole, name, tensor)
+    if not main:
         return None
-    whole = empty_model(model.config)
-    whole.load_state_dict(state, strict=False, assign=True)
     whole.tie_weights()
-    _restore_buffers(whole, buffers, torch.device("cpu"))
+    _restore_buffers(whole, {name: b for name, b in model.named_buffers()}, torch.device("cpu"))
+    finish_slicing(whole, arch, geometry, adapter)
     if any(p.is_meta for p in whole.parameters()):
         raise RuntimeError("gathering the sharded model left parameters unset")
     return whole.eval()
+
+
+def _put(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the parameter ``name`` (dotted, under ``module``) of a meta-device module."""
+    owner, _, leaf = name.rpartition(".")
+    target = module.get_submodule(owner) if owner else module
+    target._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
 def _restore_buffers(model: nn.Module, buffers: dict[str, torch.Tensor], device: torch.device) -> None:

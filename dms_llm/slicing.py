@@ -75,6 +75,15 @@ def slice_model(
     config; ``"per_layer"`` allows different counts (a uniform result is still saved stock).
     """
     adapter = adapter or get_adapter(model.config)
+    geometry = check_slicing(model, arch, layout, adapter)
+    layers = adapter.decoder_layers(model)
+    for index in arch.kept_layers:
+        slice_layer(layers[index], index, arch, geometry, adapter)
+    return finish_slicing(model, arch, geometry, adapter)
+
+
+def check_slicing(model: nn.Module, arch: Architecture, layout: str, adapter: FamilyAdapter):
+    """The model's geometry, once ``arch`` is known to fit it in ``layout`` (else a clear error)."""
     geometry = adapter.geometry(model)
     _check(arch, geometry.units, geometry.channels)
     if layout not in ("uniform", "per_layer"):
@@ -89,24 +98,32 @@ def slice_model(
             f"stock {type(model.config).__name__} by this transformers version (it needs hidden_size divisible by "
             "the head count); use the per_layer layout or another head count"
         )
+    return geometry
+
+
+@torch.no_grad()
+def slice_layer(layer: nn.Module, index: int, arch: Architecture, geometry, adapter: FamilyAdapter) -> None:
+    """Cut decoder layer ``index`` (kept by ``arch``) down to its kept attention units and MLP channels."""
     q_width = geometry.group_size * geometry.head_dim
+    q_rows = _expand(arch.kept_units[index], q_width)
+    kv_rows = _expand(arch.kept_units[index], geometry.head_dim)
+    channels = torch.tensor(arch.kept_channels[index], dtype=torch.long)
+    for name, rows, cols in (
+        ("q", q_rows, None),
+        ("k", kv_rows, None),
+        ("v", kv_rows, None),
+        ("o", None, q_rows),
+        ("gate", channels, None),
+        ("up", channels, None),
+        ("down", None, channels),
+    ):
+        adapter.set_projection(layer, name, _slice_linear(adapter.projection(layer, name), rows, cols))
+
+
+def finish_slicing(model: nn.Module, arch: Architecture, geometry, adapter: FamilyAdapter) -> nn.Module:
+    """Once every kept layer is sliced: drop the other layers, renumber the KV-cache indices and fix
+    the config (``geometry``: the model's before slicing, from ``check_slicing``)."""
     layers = adapter.decoder_layers(model)
-    with torch.no_grad():
-        for index in arch.kept_layers:
-            layer = layers[index]
-            q_rows = _expand(arch.kept_units[index], q_width)
-            kv_rows = _expand(arch.kept_units[index], geometry.head_dim)
-            channels = torch.tensor(arch.kept_channels[index], dtype=torch.long)
-            for name, rows, cols in (
-                ("q", q_rows, None),
-                ("k", kv_rows, None),
-                ("v", kv_rows, None),
-                ("o", None, q_rows),
-                ("gate", channels, None),
-                ("up", channels, None),
-                ("down", None, channels),
-            ):
-                adapter.set_projection(layer, name, _slice_linear(adapter.projection(layer, name), rows, cols))
     kept = nn.ModuleList([layers[i] for i in arch.kept_layers])
     for new_index, layer in enumerate(kept):
         attention = adapter.attention_of(layer)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import STORIES, TINYSTORIES, require_shared
 from safetensors import safe_open
 
@@ -278,3 +279,38 @@ def test_a_sharded_prune_too_big_for_main_gpu_is_refused_before_any_work(monkeyp
     else:
         with pytest.raises(DMSError, match=rf"\(0\.0 GB free beside its shard\), where {refused}.*--no-eval"):
             pipeline.prune(model, tokenizer, config, progress=False)
+
+
+@pytest.mark.slow
+def test_main_rank_gathers_only_the_kept_layers_each_sliced_before_the_next(tmp_path):
+    """After a sharded search the main rank's host holds the pruned model plus one whole layer at
+    most: each kept layer is gathered and sliced before the next, a dropped layer is never gathered,
+    and the result equals the whole checkpoint sliced by ``slice_model``, bit for bit."""
+    require_shared()
+    model, out = _uneven_model(tmp_path), tmp_path / "out"
+    out.mkdir()
+    worker = Path(__file__).with_name("gather_worker.py")
+    torchrun = LAUNCHERS["torchrun"]()[:-2]  # a script, not -m dms_llm
+    done = _run([*torchrun, str(worker), str(model), str(out)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    main, other = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    kept = main["architecture"]["kept_layers"]
+    assert kept == [0, 2]  # layer 1 dropped
+    expected, gathers = [], []
+    for event in main["events"]:
+        if event[0] == "gather":
+            gathers.append(event[1])
+        else:  # a slice closes exactly one whole layer's gathers
+            expected.append((event[1], sum(gathers)))
+            gathers = []
+    assert gathers == []
+    assert expected == [(i, main["dense_layer_numel"][i]) for i in kept]
+    # the other rank takes part in the same gathers (they are collectives) and slices nothing
+    assert other["events"] == [e for e in main["events"] if e[0] == "gather"]
+    with safe_open(out / "gathered.safetensors", "pt") as a, safe_open(out / "sliced.safetensors", "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for key in a.keys():  # noqa: SIM118 (a safetensors handle)
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+    configs = main["config"]
+    for key in ("num_hidden_layers", "dms_layer_shapes", "auto_map", "num_key_value_heads", "intermediate_size"):
+        assert configs["gathered"].get(key) == configs["sliced"].get(key), key
