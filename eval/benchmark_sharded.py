@@ -13,8 +13,9 @@ targets taken on the 16 calibration blocks it uses) with the first layer scoring
 landing, slicing and saving, and reports:
 
 - wall time of the whole command;
-- each rank's peak RSS, polled every 0.2 s: the main rank's includes gathering the whole model on
-  its host at the end (to slice and save it), the other ranks' is the search alone;
+- each rank's peak RSS, polled every 0.2 s: the main rank's includes gathering the pruned model
+  on its host at the end (each kept layer sliced as it arrives, to save it), the other ranks' is
+  the search alone;
 - the weight bytes one rank held during the search (from the report) over the model's weights.
 
 Writes eval/results/sharded.{json,md} (or --out).
@@ -91,12 +92,13 @@ def run_prune(folder: Path, out: Path, args, shard: bool, mode: str) -> dict:
     return {
         "mode": f"{search['mode']}, {search['loss']}",
         "seconds": round(seconds, 1),
-        # the main rank also gathers the whole model on its host at the end; the others never do
+        # the main rank also gathers the pruned model on its host at the end; the others never do
         "main_rank_peak_gib": round(max(peaks) / GIB, 2),
         "other_rank_peak_gib": round(min(peaks) / GIB, 2),
         "rank_weight_gib": round((report["search"]["rank_weight_bytes"] or weight_bytes(folder)) / GIB, 2),
         "architecture": report["architecture"],
         "params_after": report["params"]["after"],
+        "pruned_gib": round(weight_bytes(folder) * report["params"]["after"] / report["params"]["before"] / GIB, 2),
     }
 
 
@@ -192,21 +194,22 @@ def write_results(args, weights: int, runs: dict, same: dict, command: str) -> N
         ),
         "",
         "| ranks | search (mode, loss) | wall s | weights a rank holds (GiB) | held / weights "
-        "| peak RSS, rank 1 (GiB) | peak RSS, main rank (GiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| peak RSS, rank 1 (GiB) | peak RSS, main rank (GiB) | pruned weights (GiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, run in payload["runs"].items():
         held = run["rank_weight_gib"] / payload["weights_gib"]
         lines.append(
             f"| {label.split(',')[0]} | {run['mode']} | {run['seconds']} | {run['rank_weight_gib']} | {held:.2f} | "
-            f"{run['other_rank_peak_gib']} | {run['main_rank_peak_gib']} |"
+            f"{run['other_rank_peak_gib']} | {run['main_rank_peak_gib']} | {run['pruned_gib']} |"
         )
     agree = ", ".join(f"--mode {mode}: {value}" for mode, value in same.items())
     lines += [
         "",
         f"Same architecture data-parallel and sharded ({agree}). Rank 1's peak is the search (its share of the "
         "weights, the replicated embedding and head, lora mode's adapters with their AdamW states, activations); "
-        "the main rank's adds the whole model gathered on its host to slice and save. Weights a rank holds: its "
+        "the main rank's adds the pruned model, gathered on its host layer by layer (each kept layer sliced as it "
+        "arrives, a dropped one never gathered) to save it. Weights a rank holds: its "
         "shards and the replicated tensors (the model's own weights, not the adapters).",
         "",
         f"Command: `{payload['command']}`.",
