@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CHUNK_ELEMENTS = 2**25  # fp32 logits per chunk: 128 MiB (a few hundred positions of a 128K vocab)
+CHUNK_ELEMENTS = 2**24  # fp32 logits per chunk: 64 MiB (130 positions of a 128K vocab, 512 of a 32K one)
 
 
 def _upcast(logits: Tensor) -> Tensor:
