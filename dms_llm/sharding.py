@@ -141,38 +141,28 @@ def gather_pruned(model: nn.Module, arch, layout: str = "per_layer", adapter=Non
     main = dist.get_rank() == 0
     whole = empty_model(model.config) if main else None
 
-    def host(tensor: torch.Tensor) -> torch.Tensor:  # collective for a shard: every rank runs it
+    def host(tensor: torch.Tensor) -> torch.Tensor | None:  # a shard's gather is collective: every rank runs it
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        return full.detach().to("cpu")
+        return full.detach().to("cpu") if main else None  # only main keeps a host copy
 
     layers, prefix = adapter.decoder_layers(model), adapter.layers_path + "."
+    targets = adapter.decoder_layers(whole) if main else None
     for index in arch.kept_layers:
-        for name, param in layers[index].named_parameters():
-            tensor = host(param)
-            if main:
-                _put(adapter.decoder_layers(whole)[index], name, tensor)
+        state = {name: host(param) for name, param in layers[index].named_parameters()}
         if main:
-            slice_layer(adapter.decoder_layers(whole)[index], index, arch, geometry, adapter)
-    for name, param in model.named_parameters():  # embedding, final norm, head: replicated
-        if not name.startswith(prefix):
-            tensor = host(param)
-            if main:
-                _put(whole, name, tensor)
+            targets[index].load_state_dict(state, assign=True)
+            slice_layer(targets[index], index, arch, geometry, adapter)
+    # the embedding, final norm and head: replicated (a tied head is the embedding, listed once)
+    rest = {name: host(param) for name, param in model.named_parameters() if not name.startswith(prefix)}
     if not main:
         return None
+    whole.load_state_dict(rest, strict=False, assign=True)
     whole.tie_weights()
-    _restore_buffers(whole, {name: b for name, b in model.named_buffers()}, torch.device("cpu"))
+    _restore_buffers(whole, dict(model.named_buffers()), torch.device("cpu"))
     finish_slicing(whole, arch, geometry, adapter)
     if any(p.is_meta for p in whole.parameters()):
         raise RuntimeError("gathering the sharded model left parameters unset")
-    return whole.eval()
-
-
-def _put(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Make ``tensor`` the parameter ``name`` (dotted, under ``module``) of a meta-device module."""
-    owner, _, leaf = name.rpartition(".")
-    target = module.get_submodule(owner) if owner else module
-    target._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    return whole.requires_grad_(False).eval()
 
 
 def _restore_buffers(model: nn.Module, buffers: dict[str, torch.Tensor], device: torch.device) -> None:
