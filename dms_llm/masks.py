@@ -26,6 +26,7 @@ from .adapters import FamilyAdapter, get_adapter
 from .channel_groups import ChannelGroups
 from .errors import DMSError
 from .mask_structure import MaskStructure
+from .saved_products import RecomputedProducts
 from .topk import MaskMode, hard_mask, keep_count, soft_mask, straight_through_count
 
 TARGETS = ("heads", "channels", "layers")
@@ -92,6 +93,8 @@ class MaskSet(MaskStructure):
         self.skip_dropped_backward = True
         self._dropped: set[int] = set()
         self._handles: list = []
+        # a forward run inside ``with masks.products`` saves no masked projection input twice
+        self.products = RecomputedProducts()
         self._attach()
 
     # ---- hooks -------------------------------------------------------------------------
@@ -118,7 +121,7 @@ class MaskSet(MaskStructure):
                 scale = scale.repeat_interleave(width)
             elif kind == "channels" and self.channel_multiple > 1:
                 scale = self.channel_groups.expand(index, scale)
-            return (x * scale, *args[1:])
+            return (self.products.multiply(x, scale), *args[1:])
 
         return hook
 

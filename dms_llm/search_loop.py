@@ -205,7 +205,8 @@ def search(
             rows = global_batch[part * chunk : (part + 1) * chunk]
             batch = blocks[rows].to(device)
             masks.refresh()
-            with accelerator.autocast():
+            # masks.products: lora_A (or a trained weight) keeps no second copy of a masked input
+            with accelerator.autocast(), masks.products:
                 task, _ = forward(batch, teacher.select(rows) if kd_weight else None, kd_weight, task_weight)
             loss = task / accum
             if micro == 0:  # the budget term depends on the masks only: once per step
