@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -163,6 +164,9 @@ def search(
     # the discrete decisions (layer scores, guard, head snapping) measure the loss the search minimises
     objective = SearchObjective(teacher if kd_weight else None, kd_weight, task_weight)
     masks.mode = config.mask_forward
+    # lora_A (lora mode) or a trained weight (joint mode) would keep a second copy of each masked
+    # projection input; structure mode's frozen projections keep none, so it runs without the hooks
+    saving_products = masks.products if (joint or lora) else contextlib.nullcontext()
     # joint mode trains the dropped layers' weights on zero gradients (AdamW moments), and DDP expects a
     # gradient for every weight: their blocks keep their backward there
     if joint:
@@ -205,8 +209,7 @@ def search(
             rows = global_batch[part * chunk : (part + 1) * chunk]
             batch = blocks[rows].to(device)
             masks.refresh()
-            # masks.products: lora_A (or a trained weight) keeps no second copy of a masked input
-            with accelerator.autocast(), masks.products:
+            with accelerator.autocast(), saving_products:
                 task, _ = forward(batch, teacher.select(rows) if kd_weight else None, kd_weight, task_weight)
             loss = task / accum
             if micro == 0:  # the budget term depends on the masks only: once per step
