@@ -93,7 +93,7 @@ class MaskSet(MaskStructure):
         self.skip_dropped_backward = True
         self._dropped: set[int] = set()
         self._handles: list = []
-        # a forward run inside ``with masks.products`` saves no masked projection input twice
+        # inside ``with masks.products`` no masked projection input is saved twice (saved_products)
         self.products = RecomputedProducts()
         self._attach()
 
@@ -101,12 +101,18 @@ class MaskSet(MaskStructure):
     def _attach(self) -> None:
         unit_width = self.geometry.group_size * self.geometry.head_dim
         for index, layer in enumerate(self.adapter.decoder_layers(self.model)):
+            masked = []
             if "heads" in self.targets:
                 o_proj = self.adapter.projection(layer, "o")
                 self._handles.append(o_proj.register_forward_pre_hook(self._input_hook("heads", index, unit_width)))
+                masked.append(o_proj)
             if "channels" in self.targets:
                 down = self.adapter.projection(layer, "down")
                 self._handles.append(down.register_forward_pre_hook(self._input_hook("channels", index, 1)))
+                masked.append(down)
+            for projection in masked:  # the saved-tensor hooks the input hook may open end with the call
+                close = lambda *_: self.products.close()  # noqa: E731
+                self._handles.append(projection.register_forward_hook(close, always_call=True))
             if "layers" in self.targets:
                 for block in (self.adapter.attention_of(layer), self.adapter.mlp_of(layer)):
                     self._handles.append(block.register_forward_hook(self._output_hook(index)))

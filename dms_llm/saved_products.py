@@ -7,21 +7,28 @@ input for its weight gradient, and in joint mode the trained base weight does: t
 activation-sized tensor per masked projection. peft adds a third when it casts a bfloat16
 product to the float32 adapters (the cast is the copy ``lora_A`` saves).
 
-Inside :class:`RecomputedProducts`, a saved tensor that is a registered product is stored as
-``(x, mask)`` instead. ``x`` and the mask are already saved by the multiplication. The product
-is rebuilt when the backward needs it: the same multiplication with the same operands, so bit for
-bit the same tensor. That includes casts and reshapes, found by walking the tensor's autograd
-history back to the product. At the Llama-3.2-1B shape this removes ~40 MiB of the ~236 MiB a
-lora-mode layer saves per 1024 tokens (the ``down_proj`` and ``o_proj`` inputs).
+Inside :class:`RecomputedProducts` (``with``: the search's steps), a masked projection's own call
+runs under a ``saved_tensors_hooks`` pair. A saved tensor that is the product, or a cast or
+reshape of it found by walking its autograd history, is stored as its factors ``(x, mask)``,
+which the multiplication keeps anyway. The backward rebuilds it with the same multiplication, so
+the gradients are bit-identical. At the Llama-3.2-1B shape this removes ~40 MiB of the ~236 MiB
+a lora-mode layer saves per 1024 tokens (the ``down_proj`` and ``o_proj`` inputs).
+
+The hooks cover the projection's call only, not the whole forward. A pack hook that hands
+autograd a tensor back makes a node that saves its own output (softmax, attention) hold itself
+through C++, where Python's collector cannot see the cycle. A graph the backward never runs, such
+as a dropped layer's block, which the masks cut off, would then never be freed. Inside a
+projection, nothing saves its own output.
 
 Example:
     >>> products = RecomputedProducts()
     >>> x, mask = torch.randn(4, 8), torch.rand(8, requires_grad=True)
     >>> weight = torch.randn(3, 8, requires_grad=True)
     >>> with products:
-    ...     product = products.multiply(x, mask)
-    ...     loss = torch.nn.functional.linear(product, weight).sum()
-    >>> loss.backward(); products.packed
+    ...     product = products.multiply(x, mask)           # a mask hook, before the projection
+    ...     output = torch.nn.functional.linear(product, weight)
+    ...     products.close()                               # after the projection
+    >>> output.sum().backward(); products.packed
     1
 """
 
@@ -62,34 +69,44 @@ class _Factors:
 
 
 class RecomputedProducts:
-    """A ``saved_tensors_hooks`` pair that stores registered ``x * mask`` products as their factors.
+    """Saved-tensor hooks, open during one masked projection's call, that keep products as factors.
 
-    Only products whose mask requires a gradient are registered: then the multiplication itself
-    saves ``x``, so holding it costs nothing. The registry lives for one forward (``with``) and
-    holds the products' autograd nodes, which the graph holds anyway until the backward.
+    ``with products:`` enables it (the search's steps); a mask hook's :meth:`multiply` then opens
+    the hooks and the projection's forward hook :meth:`close` closes them. Only products whose
+    mask requires a gradient count: then the multiplication itself saves ``x``, so holding it
+    costs nothing.
     """
 
     def __init__(self) -> None:
+        self.enabled = False
         self._factors: dict[object, tuple[Tensor, Tensor, torch.Size]] = {}
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self.packed = 0  # saved tensors stored as factors (what tests and benchmarks check)
 
-    def multiply(self, x: Tensor, mask: Tensor) -> Tensor:
-        """``x * mask``, registered so that a later save of it (or of a cast or view) keeps factors."""
-        product = x * mask
-        if self._hooks is not None and product.grad_fn is not None and mask.requires_grad:
-            self._factors[product.grad_fn] = (x, mask, product.shape)
-        return product
-
     def __enter__(self) -> RecomputedProducts:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
+        self.enabled = True
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+        self.enabled = False
+
+    def multiply(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``x * mask``; when enabled, the hooks open until :meth:`close` (after the projection)."""
+        product = x * mask
+        if self.enabled and product.grad_fn is not None and mask.requires_grad:
+            self.close()  # a projection that raised before its forward hook: never nest
+            self._factors[product.grad_fn] = (x, mask, product.shape)
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            self._hooks.__enter__()
+        return product
+
+    def close(self) -> None:
+        """End the projection's call: later saves are ordinary again."""
         hooks, self._hooks = self._hooks, None
-        self._factors.clear()  # the forward is over: nothing saves a product any more
-        hooks.__exit__(*exc)
+        self._factors.clear()
+        if hooks is not None:
+            hooks.__exit__(None, None, None)
 
     def _pack(self, tensor: Tensor) -> Tensor | _Factors:
         if not self._factors or tensor.grad_fn is None or not tensor.is_contiguous():

@@ -165,8 +165,10 @@ def search(
     objective = SearchObjective(teacher if kd_weight else None, kd_weight, task_weight)
     masks.mode = config.mask_forward
     # lora_A (lora mode) or a trained weight (joint mode) would keep a second copy of each masked
-    # projection input; structure mode's frozen projections keep none, so it runs without the hooks
-    saving_products = masks.products if (joint or lora) else contextlib.nullcontext()
+    # projection input; structure mode's frozen projections keep none, and activation checkpointing
+    # keeps no activation (its own saved-tensor hooks must not be overridden inside a projection)
+    factored = (joint or lora) and not config.gradient_checkpointing
+    saving_products = masks.products if factored else contextlib.nullcontext()
     # joint mode trains the dropped layers' weights on zero gradients (AdamW moments), and DDP expects a
     # gradient for every weight: their blocks keep their backward there
     if joint:

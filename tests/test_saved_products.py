@@ -1,6 +1,7 @@
 """Masked projection inputs are saved for backward as their factors, with bit-identical gradients."""
 
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -79,6 +80,8 @@ def test_an_input_changed_in_place_before_the_backward_is_refused():
     weight = torch.randn(3, 8, requires_grad=True)
     with products:
         loss = torch.nn.functional.linear(products.multiply(x, mask), weight).sum()
+        products.close()
+    assert products.packed == 1
     x.add_(1.0)  # the rebuilt product would differ from the one the forward used
     with pytest.raises(DMSError, match="modified in place"):
         loss.backward()
@@ -91,3 +94,29 @@ def test_outside_the_context_products_are_saved_as_usual():
     loss = torch.nn.functional.linear(products.multiply(x, mask), weight).sum()
     loss.backward()
     assert products.packed == 0 and weight.grad is not None
+
+
+def _activations_alive(batch: torch.Tensor) -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if torch.is_tensor(o) and o.dim() >= 2 and o.shape[:2] == batch.shape)
+
+
+def test_a_dropped_layer_s_block_leaves_nothing_alive_after_the_step():
+    """The masks cut a dropped layer's block off the graph, so no backward frees it: saved-tensor
+    hooks around the whole forward would leak it through a C++ reference cycle, step after step."""
+    model, masks = _masked_model("lora", torch.float32)
+    with torch.no_grad():
+        masks.keep_ratios["layers"].fill_(0.75)  # 3 of the 4 layers
+        masks.importance["layers"][0].copy_(torch.tensor([4.0, 1.0, 3.0, 2.0]))
+    batch = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = _activations_alive(batch)
+    for _ in range(2):
+        masks.refresh()
+        assert masks._dropped == {1}
+        with masks.products:
+            loss, _ = CausalLMLoss(model)(batch, None, 0.0, 1.0)
+        loss.backward()
+        del loss
+        masks.deactivate()
+    assert masks.products.packed > 0
+    assert _activations_alive(batch) == before
