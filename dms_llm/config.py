@@ -82,7 +82,7 @@ class SearchConfig:
         """This config with ``auto`` mode and loss made concrete (the winners of eval/benchmark_quality.py).
 
         mode ``auto``: ``lora`` (adapters train with the ratios: far better in and out of domain than
-        frozen weights, at 1.18x structure mode's step memory at the 1B shape; sharded with
+        frozen weights, at 1.17x structure mode's step memory at the 1B shape; sharded with
         ``--shard`` too, where the adapters stay whole on every rank beside the sharded weights).
         loss ``auto``: ``task+kd`` when weights or adapters train (the dense model's distribution
         keeps them general), ``task`` in structure mode (KL there costs quality in domain and does
