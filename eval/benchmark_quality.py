@@ -19,13 +19,18 @@ that closeness directly (exact: the whole 512-token vocabulary).
     python eval/benchmark_quality.py --seeds 0 --ratios 0.3 --rows "dms structure task,flap"   # a quick look
     python eval/benchmark_quality.py --set data.num_blocks=256 ...    # a setting added to every row
 
-The seeds (and rows) are independent, so they may run as separate processes and be merged (what
-produced the committed results on 2 cores, two processes at a time; the per-prune seconds are then
-those of one thread; about an hour on 2 cores):
+The seeds and rows are independent, so they may run as separate processes and be merged. This is
+how the committed results were made on 2 cores, two one-thread processes at a time (so the
+per-prune seconds are those of one thread), about 45 minutes in all; each process also prints
+every finished unit as a JSON line:
 
     for s in 0 1; do python eval/benchmark_quality.py --seeds $s --threads 1 --out /tmp/q$s & done; wait
-    python eval/benchmark_quality.py --seeds 2 --threads 1 --out /tmp/q2
-    python eval/benchmark_quality.py --merge /tmp/q0.json /tmp/q1.json /tmp/q2.json
+    A="dms default (lora task+kd),dms structure task,dms structure kd,dms structure task+kd,dms lora task"
+    A="$A,dms lora kd,dms joint task"                 # the first 7 rows; the other 7 in the second process
+    B="dms joint kd,dms joint task+kd,dms joint kd (lr 1e-3),dms joint task+kd (lr 1e-3),flap,taylor,shortgpt"
+    python eval/benchmark_quality.py --seeds 2 --threads 1 --rows "$A" --out /tmp/q2a &
+    python eval/benchmark_quality.py --seeds 2 --threads 1 --rows "$B" --out /tmp/q2b; wait
+    python eval/benchmark_quality.py --merge /tmp/q0.json /tmp/q1.json /tmp/q2a.json /tmp/q2b.json
 """
 
 from __future__ import annotations

@@ -56,6 +56,25 @@ def make_tiny(family: str, seed: int = 0, layers: int = 4) -> torch.nn.Module:
     return model
 
 
+def load_eval_script(name: str):
+    """The module of ``eval/<name>.py``, which imports its siblings (results_io) from beside itself.
+
+    >>> load_eval_script("update_readme").BLOCK  # doctest: +SKIP
+    """
+    import importlib.util
+    import sys
+
+    folder = str(ROOT / "eval")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "eval" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
 def require_shared() -> None:
     if not STORIES.is_dir():
         pytest.skip(f"real model folder {STORIES} is absent (it comes with the project's shared data)")

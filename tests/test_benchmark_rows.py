@@ -3,35 +3,21 @@
 A row with a misspelt setting would otherwise fail only after the benchmark's first half hour.
 """
 
-import importlib.util
 import json
-import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, load_eval_script
 
 from dms_llm.config import PruneConfig, apply_overrides
 
-
-def benchmark_quality():
-    sys.path.insert(0, str(ROOT / "eval"))  # the script imports results_io from beside itself
-    try:
-        spec = importlib.util.spec_from_file_location("benchmark_quality", ROOT / "eval" / "benchmark_quality.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "eval"))
-    return module
-
-
-ROWS = benchmark_quality().ROWS
+ROWS = load_eval_script("benchmark_quality").ROWS
 
 
 @pytest.mark.parametrize("label", list(ROWS))
 @pytest.mark.parametrize("ratio", [0.2, 0.3, 0.5])
 def test_every_row_is_a_valid_prune_config(label, ratio):
     config = apply_overrides(PruneConfig(ratio=ratio, seed=0), ROWS[label]).validate()
-    # each row changes what its label says, and only that
+    # each row runs the method, mode and loss its label names
     settings = dict(item.split("=", 1) for item in ROWS[label])
     if "method" in settings:
         assert config.method == settings["method"] != "dms"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import STORIES, TINYSTORIES, require_shared
+from conftest import STORIES, TINYSTORIES, load_eval_script, require_shared
 from safetensors.torch import load_file
 
 from dms_llm.errors import DMSError
@@ -139,11 +139,7 @@ def test_cli_export_writes_beside_the_model(pruned):
 
 @pytest.mark.skipif(not os.environ.get("LLAMA_PERPLEXITY"), reason="set LLAMA_PERPLEXITY to a llama-perplexity binary")
 def test_llama_cpp_perplexity_matches_transformers(pruned, tmp_path):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-    from gguf_llamacpp import compare  # noqa: E402
-
+    compare = load_eval_script("gguf_llamacpp").compare
     for folder in pruned.values():
         row = compare(folder, Path(os.environ["LLAMA_PERPLEXITY"]), tmp_path / f"{folder.name}.gguf", "f32")
         assert abs(row["llamacpp"] / row["transformers"] - 1) < 0.005, row
