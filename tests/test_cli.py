@@ -9,7 +9,7 @@ import sys
 import pytest
 import transformers
 import yaml
-from conftest import ROOT, STORIES, TINYSTORIES, require_shared
+from conftest import ROOT, STORIES, TINYSTORIES, load_eval_script, require_shared
 
 from dms_llm.checkpoint import load_pruned
 from dms_llm.cli import _prune_config, build_parser
@@ -33,9 +33,7 @@ def test_prune_end_to_end_on_stories260k(tmp_path):
     # the README's example command, at the defaults; its sizes (kept layers, heads and channels in
     # all, parameters) must be the README's; which nearly tied heads a layer keeps depends on the CPU
     require_shared()
-    from test_readme import update_readme
-
-    readme_tool = update_readme()
+    readme_tool = load_eval_script("update_readme")
     out = tmp_path / "pruned"
     result = dms_llm(*readme_tool.PRUNE_ARGS, "--output-dir", str(out))
     shown = next(m["body"] for m in readme_tool.BLOCK.finditer((ROOT / "README.md").read_text())
