@@ -16,6 +16,8 @@ from pathlib import Path
 from .cli_prune import _check_text_source, _prune_config, cmd_prune  # noqa: F401 (_prune_config: tests)
 from .errors import DMSError
 
+DTYPE_HELP = "auto (default: bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16"
+DEVICE_HELP = "auto (default: a GPU if there is one), cpu, cuda, cuda:N"
 DEVICE_MAP_HELP = "auto: spread the model's layers over all GPUs of this process (a model larger than one GPU)"
 
 # flag -> (config key, type, help)
@@ -53,8 +55,8 @@ PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     ),
     "--method": ("method", str, "dms (default), or a peer's criterion: flap, taylor, magnitude, shortgpt, random"),
     "--grad-accum": ("search.grad_accum", int, "micro-batches per step and process"),
-    "--dtype": ("dtype", str, "auto, float32, bfloat16 or float16"),
-    "--device": ("device", str, "auto, cpu, cuda, cuda:N"),
+    "--dtype": ("dtype", str, DTYPE_HELP),
+    "--device": ("device", str, DEVICE_HELP),
     "--device-map": ("device_map", str, DEVICE_MAP_HELP),
     "--eval-seq-len": ("eval.seq_len", int, "perplexity window in tokens (default 128)"),
     "--eval-ppl": ("eval.ppl", str, "also evaluate perplexity on: wikitext2,ptb,c4 or text files"),
@@ -65,6 +67,21 @@ PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--recover-data": ("recover.data", str, "recovery text: alpaca, a named source or a file"),
     "--recover-steps": ("recover.steps", int, "LoRA recovery steps"),
 }
+
+
+def _config_value(config, key: str):
+    """``config``'s value at a dotted key, e.g. ``search.steps``."""
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _with_default(text: str, value) -> str:
+    """The help text with its default appended, unless it names one already or there is none."""
+    if "default" in text or value in (None, [], ""):
+        return text
+    shown = ",".join(value) if isinstance(value, list) else value
+    return f"{text} (default {shown})"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,9 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--shard", action="store_true", help="under torchrun/accelerate: split the layers over the ranks (FSDP)"
     )
+    from .config import PruneConfig
+
+    defaults = PruneConfig()
     for flag, (key, kind, text) in PRUNE_FLAGS.items():
         metavar = flag.lstrip("-").split("-")[-1].upper()
-        prune.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text, metavar=metavar)
+        # a recipe's value replaces these defaults: the flag itself defaults to "not given"
+        help_text = _with_default(text, _config_value(defaults, key))
+        prune.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=metavar)
     prune.set_defaults(func=cmd_prune)
 
     evaluate = verbs.add_parser("eval", help="perplexity and zero-shot accuracy of a dense or pruned model")
@@ -106,46 +128,59 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ppl", help="perplexity sources: wikitext2, ptb, c4 or text files (default wikitext2)")
     evaluate.add_argument("--tasks", help="lm-eval tasks, comma separated, or 'default' for the standard 7")
     evaluate.add_argument("--seq-len", type=int, default=128, help="perplexity window in tokens (default 128)")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument(
+        "--batch-size", type=int, default=8, help="perplexity windows and lm-eval requests per forward (default 8)"
+    )
     evaluate.add_argument("--limit", type=float, help="items per lm-eval task (quick runs)")
     evaluate.add_argument("--task-data", help="folder of local task files (offline lm-eval)")
     evaluate.add_argument(
         "--output", help="results file (default: MODEL/eval.json; ./NAME-eval.json for Hub names or read-only folders)"
     )
-    evaluate.add_argument("--dtype", default="auto")
-    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    evaluate.add_argument("--device", default="auto", help=DEVICE_HELP)
     evaluate.add_argument("--device-map", help=DEVICE_MAP_HELP)
     evaluate.set_defaults(func=cmd_eval)
 
     recover = verbs.add_parser("recover", help="LoRA-recover a pruned model (optionally distilled) and merge")
+    from .config import RecoverConfig
+
+    recovery = RecoverConfig()  # the one place the recovery defaults live (prune --recover uses it too)
     recover.add_argument("model", help="pruned model folder (either layout)")
-    recover.add_argument("--data", default="alpaca", help="alpaca, a named source, or a .txt/.jsonl/.parquet file")
+    recover.add_argument(
+        "--data", default=recovery.data, help="alpaca (default), a named source, or a .txt/.jsonl/.parquet file"
+    )
     recover.add_argument("--output-dir", "-o", help="where to write the recovered model (default: MODEL-lora)")
-    recover.add_argument("--overwrite", action="store_true")
-    recover.add_argument("--steps", type=int, default=200)
-    recover.add_argument("--batch-size", type=int, default=8)
-    recover.add_argument("--seq-len", type=int, default=256)
-    recover.add_argument("--lr", type=float, default=2e-4)
-    recover.add_argument("--lora-r", type=int, default=8)
+    recover.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    for flag, kind, key, text in (
+        ("--steps", int, "steps", "optimizer steps"),
+        ("--batch-size", int, "batch_size", "blocks per step"),
+        ("--seq-len", int, "seq_len", "tokens per block"),
+        ("--lr", float, "lr", "learning rate of the adapters"),
+        ("--lora-r", int, "lora_r", "LoRA rank (alpha = 2 x rank)"),
+    ):
+        default = getattr(recovery, key)
+        recover.add_argument(flag, type=kind, default=default, help=_with_default(text, default))
     recover.add_argument("--distill", action="store_true", help="KL distillation from the dense teacher")
     recover.add_argument("--teacher", help="dense teacher (default: the base model named in report.json)")
-    recover.add_argument("--gradient-checkpointing", action="store_true")
+    recover.add_argument("--gradient-checkpointing", action="store_true", help="save activation memory")
     recover.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
     recover.add_argument("--save-every", type=int, default=0, help="adapter checkpoint every N steps")
-    recover.add_argument("--seed", type=int, default=0)
-    recover.add_argument("--dtype", default="auto")
-    recover.add_argument("--device", default="auto")
+    recover.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    recover.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    recover.add_argument("--device", default="auto", help=DEVICE_HELP)
     recover.add_argument("--device-map", help=DEVICE_MAP_HELP)
-    recover.add_argument("--quiet", action="store_true")
+    recover.add_argument("--quiet", action="store_true", help="no progress bar")
     recover.set_defaults(func=cmd_recover)
 
     push = verbs.add_parser("push", help="upload a pruned checkpoint to the Hub with a generated model card")
     push.add_argument("model", help="checkpoint folder written by dms-llm")
     push.add_argument("repo_id", help="user/name on the Hugging Face Hub")
-    push.add_argument("--private", action="store_true")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--revision", help="branch to upload to (created if missing)")
     push.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the saved login)")
-    push.add_argument("--commit-message")
+    push.add_argument(
+        "--commit-message", help="message of the upload commit (default: 'Upload NAME (pruned with dms-llm)')"
+    )
     push.add_argument("--license", help="licence for the card (default: the base model's)")
     push.set_defaults(func=cmd_push)
 

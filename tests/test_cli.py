@@ -13,7 +13,7 @@ from conftest import ROOT, STORIES, TINYSTORIES, load_eval_script, require_share
 
 from dms_llm.checkpoint import load_pruned
 from dms_llm.cli import _prune_config, build_parser
-from dms_llm.config import PruneConfig, available_recipes, load_recipe
+from dms_llm.config import PruneConfig, RecoverConfig, available_recipes, load_recipe
 from dms_llm.errors import DMSError
 
 
@@ -24,8 +24,12 @@ def dms_llm(*args: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
+def verb_parsers() -> dict:
+    return build_parser()._subparsers._group_actions[0].choices
+
+
 def prune_args(argv):
-    return _prune_config(build_parser()._subparsers._group_actions[0].choices["prune"].parse_intermixed_args(argv))
+    return _prune_config(verb_parsers()["prune"].parse_intermixed_args(argv))
 
 
 @pytest.mark.slow
@@ -180,5 +184,28 @@ def test_the_stories_recipe_runs_from_the_repository_root_with_a_setting_after_i
 
 def test_small_frictions():
     assert prune_args(["m", "--layout", "per-layer"]).layout == "per_layer"
-    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["prune"].format_help().split())
+    help_text = " ".join(verb_parsers()["prune"].format_help().split())
     assert "wikitext2 (the default, from the Hub)" in help_text
+
+
+def test_every_option_of_every_verb_says_what_it_does():
+    for verb, parser in verb_parsers().items():
+        for action in parser._actions:
+            assert action.help, f"dms-llm {verb} {'/'.join(action.option_strings) or action.dest} has no help text"
+
+
+def test_the_defaults_shown_and_used_are_the_configs_own():
+    recover, defaults = verb_parsers()["recover"].parse_args(["model"]), RecoverConfig()
+    for key in ("data", "steps", "batch_size", "seq_len", "lr", "lora_r"):
+        assert getattr(recover, key) == getattr(defaults, key), key
+    recover_help = " ".join(verb_parsers()["recover"].format_help().split())
+    assert f"optimizer steps (default {defaults.steps})" in recover_help
+    prune_help = " ".join(verb_parsers()["prune"].format_help().split())
+    search = PruneConfig().search
+    assert f"search steps (default {search.steps})" in prune_help
+    assert f"learning rate of the keep ratios (default {search.lr})" in prune_help
+    assert "(default heads,channels,layers)" in prune_help
+    # flags stay unset unless given, so a recipe's values are not overridden by these defaults
+    recipe = load_recipe("stories260k")
+    assert recipe.eval.seq_len != PruneConfig().eval.seq_len  # shown as --eval-seq-len's default
+    assert prune_args(["m", "--recipe", "stories260k"]).eval.seq_len == recipe.eval.seq_len
