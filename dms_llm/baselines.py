@@ -10,6 +10,9 @@ layers), allocates them with its paper's rule and lands on the budget through th
 | taylor      | LLM-Pruner: sum over the unit of abs(w * dL/dw)         | same ratio in every layer        |
 | flap        | FLAP: input variance x squared column norm, per-layer   | global over heads and channels,  |
 |             | standardised; bias compensation where biases exist      | (FLAP's AL-AM structure)         |
+| minitron    | NVIDIA Minitron: activation magnitude of the unit's     | same ratio in every layer, every |
+|             | o_proj / down_proj inputs (mean |x| over positions,     | layer kept (its width pruning,   |
+|             | L2 over sequences; a unit's L2 over its features)       | which it prefers to depth)       |
 | shortgpt    | ShortGPT: block influence 1 - cos(h_in, h_out)          | drop whole layers, then channels |
 |             |                                                         | by magnitude for the remainder   |
 | random      | uniform random                                          | same ratio in every layer        |
@@ -33,7 +36,7 @@ from .budget import Budget, ParamCounter
 from .errors import DMSError, did_you_mean
 from .refit import count_params, fit_counts
 
-METHODS = ("magnitude", "taylor", "flap", "shortgpt", "random")
+METHODS = ("magnitude", "taylor", "flap", "minitron", "shortgpt", "random")
 
 
 @dataclass
@@ -89,20 +92,20 @@ def taylor_scores(model: nn.Module, adapter: FamilyAdapter, blocks: Tensor, batc
 
 
 @torch.no_grad()
-def fluctuation_statistics(model: nn.Module, adapter: FamilyAdapter, blocks: Tensor, batch_size: int = 8):
-    """Per-input-channel mean and variance of every o_proj and down_proj input over the blocks."""
+def _projection_inputs(
+    model: nn.Module, adapter: FamilyAdapter, blocks: Tensor, batch_size: int, accumulate: Callable
+) -> None:
+    """Run the blocks, handing every o_proj and down_proj input to ``accumulate((layer, name), x)``.
+
+    ``x`` is (batch, positions, features), detached.
+    """
     device = model.get_input_embeddings().weight.device
-    stats: dict[tuple[int, str], list[Tensor]] = {}
     handles = []
     for index, layer in enumerate(adapter.decoder_layers(model)):
         for name in ("o", "down"):
 
-            def hook(module, args, index=index, name=name):
-                x = args[0].detach().double().reshape(-1, args[0].shape[-1])
-                entry = stats.setdefault((index, name), [torch.zeros(()), 0.0, 0.0])
-                entry[0] = entry[0] + x.shape[0]
-                entry[1] = entry[1] + x.sum(0)
-                entry[2] = entry[2] + x.pow(2).sum(0)
+            def hook(module, args, key=(index, name)):
+                accumulate(key, args[0].detach())
 
             handles.append(adapter.projection(layer, name).register_forward_pre_hook(hook))
     try:
@@ -111,12 +114,51 @@ def fluctuation_statistics(model: nn.Module, adapter: FamilyAdapter, blocks: Ten
     finally:
         for handle in handles:
             handle.remove()
+
+
+def fluctuation_statistics(model: nn.Module, adapter: FamilyAdapter, blocks: Tensor, batch_size: int = 8):
+    """Per-input-channel mean and variance of every o_proj and down_proj input over the blocks."""
+    stats: dict[tuple[int, str], list] = {}
+
+    def accumulate(key, x: Tensor) -> None:
+        x = x.double().reshape(-1, x.shape[-1])
+        entry = stats.setdefault(key, [0, 0.0, 0.0])
+        entry[0] += x.shape[0]
+        entry[1] = entry[1] + x.sum(0)
+        entry[2] = entry[2] + x.pow(2).sum(0)
+
+    _projection_inputs(model, adapter, blocks, batch_size, accumulate)
     result = {}
     for key, (count, total, squares) in stats.items():
         mean = total / count
         variance = (squares - count * mean.pow(2)) / (count - 1)
         result[key] = (mean.float(), variance.clamp(min=0).float())
     return result
+
+
+def activation_norms(model: nn.Module, adapter: FamilyAdapter, blocks: Tensor, batch_size: int = 8):
+    """Minitron's activation importance of every o_proj and down_proj input feature.
+
+    Per feature: the mean absolute activation over each sequence's positions, then the L2 norm of
+    those means over the sequences (the (L2, mean) aggregation the Minitron paper found best).
+    """
+    squares: dict[tuple[int, str], Tensor] = {}
+
+    def accumulate(key, x: Tensor) -> None:
+        per_sequence = x.double().abs().mean(dim=1)  # (batch, features)
+        squares[key] = squares.get(key, 0.0) + per_sequence.pow(2).sum(0)
+
+    _projection_inputs(model, adapter, blocks, batch_size, accumulate)
+    return {key: total.sqrt().float() for key, total in squares.items()}
+
+
+def minitron_scores(model: nn.Module, adapter: FamilyAdapter, norms: dict):
+    """A KV-group unit scores the L2 norm of its query heads' features; a channel its own norm."""
+    geometry = adapter.geometry(model)
+    q_width = geometry.group_size * geometry.head_dim
+    heads = [norms[(index, "o")].reshape(-1, q_width).norm(dim=-1) for index in range(geometry.num_layers)]
+    channels = [norms[(index, "down")] for index in range(geometry.num_layers)]
+    return heads, channels
 
 
 def _standardize(values: Tensor) -> Tensor:
@@ -243,6 +285,10 @@ def one_shot(
         return OneShotResult(arch, params)
     if method == "taylor":
         heads, channels = taylor_scores(model, adapter, blocks)
+        arch, params = _land(counter, budget, geometry, all_layers, heads, channels, uniform=True)
+        return OneShotResult(arch, params)
+    if method == "minitron":
+        heads, channels = minitron_scores(model, adapter, activation_norms(model, adapter, blocks))
         arch, params = _land(counter, budget, geometry, all_layers, heads, channels, uniform=True)
         return OneShotResult(arch, params)
     if method == "flap":

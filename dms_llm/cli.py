@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .cli_prune import _check_text_source, _prune_config, cmd_prune  # noqa: F401 (_prune_config: tests)
+from .config import METHODS
 from .errors import DMSError
 
 DTYPE_HELP = "auto (default: bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16"
@@ -53,7 +54,7 @@ PRUNE_FLAGS: dict[str, tuple[str, type, str]] = {
         "auto (default: task+kd in lora/joint mode, task in structure mode), task (cross-entropy), "
         "kd (KL to the dense model) or task+kd",
     ),
-    "--method": ("method", str, "dms (default), or a peer's criterion: flap, taylor, magnitude, shortgpt, random"),
+    "--method": ("method", str, f"dms (default), or a peer's criterion: {', '.join(METHODS[1:])}"),
     "--grad-accum": ("search.grad_accum", int, "micro-batches per step and process"),
     "--dtype": ("dtype", str, DTYPE_HELP),
     "--device": ("device", str, DEVICE_HELP),

@@ -43,7 +43,7 @@ class DataConfig:
 
 LOSSES = ("auto", "task", "kd", "task+kd")
 SEARCH_MODES = ("auto", "structure", "joint", "lora")
-METHODS = ("dms", "flap", "taylor", "magnitude", "shortgpt", "random")
+METHODS = ("dms", "flap", "taylor", "magnitude", "minitron", "shortgpt", "random")
 
 
 @dataclass
@@ -199,7 +199,7 @@ class PruneConfig:
     targets: list[str] = field(default_factory=lambda: ["heads", "channels", "layers"])
     layout: str = "per_layer"
     channel_multiple: int = 1  # every kept MLP width a multiple of this (32: q8_0, 256: k-quants)
-    method: str = "dms"  # or a peer's one-shot criterion: flap, taylor, magnitude, shortgpt, random
+    method: str = "dms"  # or a peer's one-shot criterion: flap, taylor, magnitude, minitron, shortgpt, random
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"

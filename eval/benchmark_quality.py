@@ -15,7 +15,7 @@ stories260K knows only children's stories: on WikiText its dense predictions are
 lower WikiText perplexity without being closer to the model it was pruned from. The KL measures
 that closeness directly (exact: the whole 512-token vocabulary).
 
-    python eval/benchmark_quality.py                      # all 14 rows x 3 ratios x 3 seeds: ~90 core-minutes
+    python eval/benchmark_quality.py                      # all 15 rows x 3 ratios x 3 seeds: ~95 core-minutes
     python eval/benchmark_quality.py --seeds 0 --ratios 0.3 --rows "dms structure task,flap"   # a quick look
     python eval/benchmark_quality.py --set data.num_blocks=256 ...    # a setting added to every row
 
@@ -31,6 +31,12 @@ every finished unit as a JSON line:
     python eval/benchmark_quality.py --seeds 2 --threads 1 --rows "$A" --out /tmp/q2a &
     python eval/benchmark_quality.py --seeds 2 --threads 1 --rows "$B" --out /tmp/q2b; wait
     python eval/benchmark_quality.py --merge /tmp/q0.json /tmp/q1.json /tmp/q2a.json /tmp/q2b.json
+
+The minitron row came later and was run alone, then merged with the table above (~6 minutes):
+
+    python eval/benchmark_quality.py --seeds 0,1 --threads 1 --rows minitron --out /tmp/qm01 &
+    python eval/benchmark_quality.py --seeds 2 --threads 1 --rows minitron --out /tmp/qm2; wait
+    python eval/benchmark_quality.py --merge eval/results/quality.json /tmp/qm01.json /tmp/qm2.json
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ ROWS = {  # label -> key=value settings on top of PruneConfig()
     "dms joint task+kd (lr 1e-3)": ["search.mode=joint", "search.loss=task+kd", "search.weight_lr=1e-3"],
     "flap": ["method=flap"],
     "taylor": ["method=taylor"],
+    "minitron": ["method=minitron"],
     "shortgpt": ["method=shortgpt"],
 }
 
