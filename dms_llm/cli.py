@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--quiet", action="store_true", help="no progress bar")
     prune.add_argument("--resume", action="store_true", help="continue an interrupted search from its saved state")
     prune.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything, print the parameter counts, settings and weight memory, load and write nothing",
+    )
+    prune.add_argument(
         "--shard", action="store_true", help="under torchrun/accelerate: split the layers over the ranks (FSDP)"
     )
     from .config import PruneConfig

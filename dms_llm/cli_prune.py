@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import sys
@@ -73,6 +74,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = _prune_config(args)
     output_dir = check_output_dir(args.output_dir or _default_output(args.model, config), args.overwrite)
     args.calibration = _check_before_loading(args.model, config, args.push_to_hub)
+    if args.dry_run:  # every check above has passed; nothing is loaded or written
+        from .plan import prune_plan, render_plan
+
+        if os.environ.get("RANK", "0") == "0":  # one plan under a launcher
+            print(render_plan(prune_plan(args.model, config, args.calibration)))
+            print(f"output: {output_dir} (not created: --dry-run)")
+        return 0
 
     from .launch import make_accelerator, relaunch_cpu_ranks, requested_cpu_processes, uses_fsdp
 

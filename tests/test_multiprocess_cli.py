@@ -19,6 +19,8 @@ from conftest import STORIES, TINYSTORIES, require_shared
 from safetensors import safe_open
 
 from dms_llm.budget import BUDGET_TOLERANCE
+from dms_llm.config import PruneConfig
+from dms_llm.plan import prune_plan
 
 PRUNE = [
     "prune",
@@ -183,6 +185,9 @@ def test_sharded_search_equals_the_data_parallel_one_on_uneven_shards(mode, tmp_
         assert (report["settings"]["search"]["mode"], report["settings"]["search"]["loss"]) == resolved
     assert reports[0]["architecture"] == reports[1]["architecture"]
     assert reports[0]["search"]["history"] == reports[1]["search"]["history"]
+    # --dry-run's per-rank figure is what FSDP gave the main rank on these uneven rows
+    planned = prune_plan(str(model), PruneConfig(ratio=0.3)).shard_rank_bytes[2]
+    assert reports[0]["search"]["rank_weight_bytes"] == planned
     a, b = _weights(tmp_path / "sharded"), _weights(tmp_path / "plain")
     assert sorted(a) == sorted(b)
     for key in a:  # trained (merged) weights equal the data-parallel ranks', bit for bit
