@@ -118,6 +118,8 @@ def make_checkpoint(name: str, folder: Path, device: str) -> None:
     from accelerate import init_empty_weights
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from dms_llm.checkpoint import carry_tokenizer_files
+
     _, dtype, config = CONFIGS[name]
     with init_empty_weights():
         model = LlamaForCausalLM(LlamaConfig(**config)).to(getattr(torch, dtype))
@@ -131,7 +133,9 @@ def make_checkpoint(name: str, folder: Path, device: str) -> None:
                 parameter.normal_(0.0, 0.02, generator=generator)
     model.tie_weights()
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    tokenizer.save_pretrained(folder)
+    carry_tokenizer_files(tokenizer, folder)  # all its files, as a Hub checkpoint has (tokenizer.model: GGUF)
 
 
 # ---- the stages ---------------------------------------------------------------------------
