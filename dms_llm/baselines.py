@@ -230,8 +230,13 @@ def _architecture(geometry: LayerGeometry, kept_layers, counts, heads, channels)
     )
 
 
-def _land(counter, budget, geometry, kept_layers, heads, channels, uniform: bool) -> tuple[Architecture, int]:
-    """Land on the budget: one shared ratio for heads and channels, or one global ranking."""
+def _land(
+    counter, budget, geometry, kept_layers, heads, channels, uniform: bool, allowed_units=None
+) -> tuple[Architecture, int]:
+    """Land on the budget: one shared ratio for heads and channels, or one global ranking.
+
+    ``allowed_units``: the shared head counts a ``--layout uniform`` checkpoint can be saved with.
+    """
     wants = {  # the k-th best score of a layer: how strongly its k-th element is wanted
         "heads": [s.sort(descending=True).values for s in heads],
         "channels": [s.sort(descending=True).values for s in channels],
@@ -252,8 +257,20 @@ def _land(counter, budget, geometry, kept_layers, heads, channels, uniform: bool
             "heads": [max(1, round(u * (1 - ratio))) for u in geometry.units],
             "channels": [max(1, round(c * (1 - ratio))) for c in geometry.channels],
         }
+        if allowed_units:  # the nearest savable head count at or below the rule's (channels fill the rest)
+            shared = counts["heads"][0]
+            snapped = max((k for k in allowed_units if k <= shared), default=min(allowed_units))
+            counts["heads"] = [snapped] * len(counts["heads"])
     fitted = fit_counts(
-        counter, budget, kept_layers, counts, wants, ["channels", "heads"], uniform=uniform, joint=not uniform
+        counter,
+        budget,
+        kept_layers,
+        counts,
+        wants,
+        ["channels", "heads"],
+        uniform=uniform,
+        allowed_units=allowed_units if uniform else None,
+        joint=not uniform,
     )
     if fitted is None:
         raise DMSError("the budget cannot be reached with the layers kept")
@@ -268,8 +285,13 @@ def one_shot(
     blocks: Tensor,
     seed: int = 0,
     adapter: FamilyAdapter | None = None,
+    allowed_units: list[int] | None = None,
 ) -> OneShotResult:
-    """The architecture a peer method's criterion keeps at this budget (weights untouched)."""
+    """The architecture a peer method's criterion keeps at this budget (weights untouched).
+
+    ``allowed_units``: for ``--layout uniform``, the shared head counts the stock config accepts
+    (``slicing.stock_unit_counts``); the methods that allocate the same shape to every layer keep to them.
+    """
     if method not in METHODS:
         raise DMSError(f"unknown method {method!r}." + did_you_mean(method, METHODS))
     adapter = adapter or get_adapter(model.config)
@@ -277,19 +299,19 @@ def one_shot(
     all_layers = list(range(geometry.num_layers))
     if method == "random":
         heads, channels = _random_scores(geometry, seed)
-        arch, params = _land(counter, budget, geometry, all_layers, heads, channels, uniform=True)
+        arch, params = _land(counter, budget, geometry, all_layers, heads, channels, True, allowed_units)
         return OneShotResult(arch, params)
     if method == "magnitude":
         heads, channels = magnitude_scores(model, adapter)
-        arch, params = _land(counter, budget, geometry, all_layers, heads, channels, uniform=True)
+        arch, params = _land(counter, budget, geometry, all_layers, heads, channels, True, allowed_units)
         return OneShotResult(arch, params)
     if method == "taylor":
         heads, channels = taylor_scores(model, adapter, blocks)
-        arch, params = _land(counter, budget, geometry, all_layers, heads, channels, uniform=True)
+        arch, params = _land(counter, budget, geometry, all_layers, heads, channels, True, allowed_units)
         return OneShotResult(arch, params)
     if method == "minitron":
         heads, channels = minitron_scores(model, adapter, activation_norms(model, adapter, blocks))
-        arch, params = _land(counter, budget, geometry, all_layers, heads, channels, uniform=True)
+        arch, params = _land(counter, budget, geometry, all_layers, heads, channels, True, allowed_units)
         return OneShotResult(arch, params)
     if method == "flap":
         statistics = fluctuation_statistics(model, adapter, blocks)
@@ -305,7 +327,7 @@ def one_shot(
             break
         kept = trial
     heads, channels = magnitude_scores(model, adapter)
-    arch, params = _land(counter, budget, geometry, kept, heads, channels, uniform=True)
+    arch, params = _land(counter, budget, geometry, kept, heads, channels, True, allowed_units)
     return OneShotResult(arch, params, info={"block_influence": influence.tolist()})
 
 

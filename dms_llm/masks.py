@@ -77,14 +77,9 @@ class MaskSet(MaskStructure):
         # uniform layout: head counts the family's stock config can be saved with
         self.allowed_units: list[int] | None = None
         if uniform and "heads" in self.targets:
-            from .slicing import stock_config_accepts
+            from .slicing import stock_unit_counts
 
-            g = self.geometry
-            self.allowed_units = [
-                k
-                for k in range(1, g.units[0] + 1)
-                if stock_config_accepts(model.config, k, g.channels[0], g.group_size, g.head_dim)
-            ]
+            self.allowed_units = stock_unit_counts(model.config, self.geometry)
         self.frozen: dict[str, list[Tensor]] = {}
         self.active: dict[str, list[Tensor]] | None = None
         self._counts: dict[str, Tensor] = {}

@@ -199,8 +199,13 @@ def one_shot_result(model: nn.Module, config: PruneConfig, counter, budget, bloc
     FLAP's bias compensation is applied to the weights before slicing."""
     from .baselines import one_shot
 
+    allowed = None
+    if config.layout == "uniform":  # a stock config must accept the shared head count
+        from .slicing import stock_unit_counts
+
+        allowed = stock_unit_counts(model.config, adapter.geometry(model))
     start = time.perf_counter()
-    chosen = one_shot(model, config.method, counter, budget, blocks, config.seed, adapter)
+    chosen = one_shot(model, config.method, counter, budget, blocks, config.seed, adapter, allowed)
     if chosen.compensate is not None:
         chosen.compensate(model)
     return SearchResult(chosen.architecture, chosen.params, time.perf_counter() - start, method=config.method)

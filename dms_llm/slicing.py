@@ -137,6 +137,13 @@ def finish_slicing(model: nn.Module, arch: Architecture, geometry, adapter: Fami
     return model
 
 
+def stock_unit_counts(config, geometry) -> list[int]:
+    """The shared attention-unit counts a uniform layout can be saved with as the family's stock config."""
+    g = geometry
+    units = range(1, g.units[0] + 1)
+    return [k for k in units if stock_config_accepts(config, k, g.channels[0], g.group_size, g.head_dim)]
+
+
 def stock_config_accepts(config, units: int, channels: int, group_size: int, head_dim: int) -> bool:
     """Whether the family's own config class accepts these uniform sizes.
 

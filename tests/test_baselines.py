@@ -1,11 +1,17 @@
 """The peers' one-shot criteria: their statistics against a plain recomputation, and what they keep."""
 
+import json
+
+import pytest
 import torch
-from conftest import make_tiny
+from conftest import STORIES, TINYSTORIES, make_tiny, require_shared
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from dms_llm.adapters import get_adapter
 from dms_llm.baselines import activation_norms, fluctuation_statistics, minitron_scores, one_shot
 from dms_llm.budget import ParamCounter, resolve_budget
+from dms_llm.cli import main
+from dms_llm.slicing import stock_unit_counts
 
 
 def _captured_inputs(model, adapter, blocks, batch_size):
@@ -80,3 +86,22 @@ def test_minitron_prunes_the_quiet_units_first_and_keeps_every_layer_at_one_widt
     by_weight = one_shot(model, "magnitude", counter, budget, blocks, adapter=adapter).architecture
     assert all(quiet_unit in units for units in by_weight.kept_units)
     assert all(set(quiet_channels) <= set(kept) for kept in by_weight.kept_channels)
+
+
+@pytest.mark.parametrize("method", ["minitron", "taylor", "shortgpt"])
+def test_uniform_layout_peers_keep_a_head_count_the_stock_config_saves(tmp_path, monkeypatch, capsys, method):
+    require_shared()
+    monkeypatch.chdir(tmp_path)
+    # stories260K: 8 heads over a width of 64; the same-ratio rule's 3 of 4 KV groups (6 heads) has no
+    # stock LlamaConfig in transformers 5 (64 % 6 != 0): the peers must snap as the DMS search does
+    config = AutoConfig.from_pretrained(STORIES)
+    allowed = stock_unit_counts(config, get_adapter(config).geometry(AutoModelForCausalLM.from_config(config)))
+    assert 3 not in allowed and {2, 4} <= set(allowed)
+    argv = ["prune", str(STORIES), "--ratio", "0.3", "--calib", str(TINYSTORIES), "--method", method,
+            "--layout", "uniform", "-o", "out", "--quiet", "--no-eval", "data.num_blocks=64"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "auto_map" not in saved and saved["num_key_value_heads"] in allowed  # a stock config
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # no remote code
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert sum(p.numel() for p in model.parameters()) == report["params"]["after"] <= report["params"]["target"]
