@@ -198,6 +198,10 @@ def search(
     for step in bar:
         if step == refine_start and step > 0 and "heads" not in masks.frozen:
             result.layer_decisions = _settle_structure(model, masks, counter, budget, score_blocks, objective)
+        if not (joint or lora) and all(kind in masks.frozen for kind in masks.targets):
+            # the refine phase trains channel ratios (and weights or adapters where they train): with
+            # the heads and layers settled and none of those, nothing is left to learn
+            break
         if use_layer_scores and "layers" not in masks.frozen and step % config.layer_score_every == 0:
             scores = measure_layer_scores(
                 model, masks, score_blocks, score_budget, rank, world, reduce, chunk, sharded, objective

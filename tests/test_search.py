@@ -102,3 +102,18 @@ def test_uniform_search_gives_a_uniform_stock_loadable_structure(stories, calib)
     masks.remove()
     slice_model(model, arch, layout="uniform")
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize("targets", [("layers",), ("heads", "layers")])
+def test_a_structure_search_without_channels_ends_when_heads_and_layers_settle(stories, calib, targets):
+    # the refine phase trains channel ratios only: with none among the targets and frozen weights
+    # there is nothing to train there (it used to crash: "element 0 of tensors does not require grad")
+    model, _ = stories
+    config = SearchConfig(mode="structure", steps=20, batch_size=4, layer_score_every=5, score_blocks=8)
+    masks, counter, budget, result = run(model, calib, ratio=0.1, targets=targets, config=config)
+    assert len(result.history) == round((1 - config.refine_fraction) * config.steps)  # up to the refine phase
+    assert result.params <= budget.target
+    assert sum(len(units) for units in result.architecture.kept_units) > 0
+    masks.remove()
+    slice_model(model, result.architecture)
+    assert sum(p.numel() for p in model.parameters()) == result.params
