@@ -33,10 +33,11 @@ from torch import Tensor, nn
 from .adapters import FamilyAdapter, LayerGeometry, get_adapter
 from .architecture import Architecture
 from .budget import Budget, ParamCounter
+from .config import METHODS as ALL_METHODS
 from .errors import DMSError, did_you_mean
 from .refit import count_params, fit_counts
 
-METHODS = ("magnitude", "taylor", "flap", "minitron", "shortgpt", "random")
+METHODS = ALL_METHODS[1:]  # the peers (the first is dms itself)
 
 
 @dataclass
@@ -257,10 +258,6 @@ def _land(
             "heads": [max(1, round(u * (1 - ratio))) for u in geometry.units],
             "channels": [max(1, round(c * (1 - ratio))) for c in geometry.channels],
         }
-        if allowed_units:  # the nearest savable head count at or below the rule's (channels fill the rest)
-            shared = counts["heads"][0]
-            snapped = max((k for k in allowed_units if k <= shared), default=min(allowed_units))
-            counts["heads"] = [snapped] * len(counts["heads"])
     fitted = fit_counts(
         counter,
         budget,

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .cli_prune import _check_text_source, _prune_config, cmd_prune  # noqa: F401 (_prune_config: tests)
-from .config import METHODS
+from .config import METHODS, PruneConfig, RecoverConfig
 from .errors import DMSError
 
 DTYPE_HELP = "auto (default: bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16"
@@ -119,8 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--shard", action="store_true", help="under torchrun/accelerate: split the layers over the ranks (FSDP)"
     )
-    from .config import PruneConfig
-
     defaults = PruneConfig()
     for flag, (key, kind, text) in PRUNE_FLAGS.items():
         metavar = flag.lstrip("-").split("-")[-1].upper()
@@ -148,8 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     recover = verbs.add_parser("recover", help="LoRA-recover a pruned model (optionally distilled) and merge")
-    from .config import RecoverConfig
-
     recovery = RecoverConfig()  # the one place the recovery defaults live (prune --recover uses it too)
     recover.add_argument("model", help="pruned model folder (either layout)")
     recover.add_argument(
@@ -269,7 +265,6 @@ def cmd_recover(args: argparse.Namespace) -> int:
     import json
 
     from .checkpoint import check_output_dir, load_config, load_model, save_pruned
-    from .config import RecoverConfig
     from .output_lock import claim_output
 
     if args.quiet:  # transformers' own bars too (loading, "Writing model shards"), as prune --quiet

@@ -43,7 +43,7 @@ class DataConfig:
 
 LOSSES = ("auto", "task", "kd", "task+kd")
 SEARCH_MODES = ("auto", "structure", "joint", "lora")
-METHODS = ("dms", "flap", "taylor", "magnitude", "minitron", "shortgpt", "random")
+METHODS = ("dms", "magnitude", "taylor", "flap", "minitron", "shortgpt", "random")  # dms, then the peers
 
 
 @dataclass
@@ -199,7 +199,7 @@ class PruneConfig:
     targets: list[str] = field(default_factory=lambda: ["heads", "channels", "layers"])
     layout: str = "per_layer"
     channel_multiple: int = 1  # every kept MLP width a multiple of this (32: q8_0, 256: k-quants)
-    method: str = "dms"  # or a peer's one-shot criterion: flap, taylor, magnitude, minitron, shortgpt, random
+    method: str = "dms"  # or a peer's one-shot criterion (METHODS[1:], in baselines)
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"

@@ -54,10 +54,6 @@ class PrunePlan:
     settings: dict
 
 
-def _element_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _largest_shard(model: torch.nn.Module, layers: torch.nn.ModuleList, ranks: int, element: int) -> int:
     """Weight bytes of rank 0 when every decoder layer's tensors are split by rows over ``ranks``
     (as FSDP's ``fully_shard`` does: ceil(rows / ranks) rows to the first ranks), the rest whole."""
@@ -84,7 +80,7 @@ def prune_plan(model_name: str, config: PruneConfig, calibration: CalibrationDat
     budget = resolve_budget(counter, config.ratio, config.params, config.targets)
     geometry = adapter.geometry(model)
     dtype = resolve_dtype(config.dtype, resolve_device(config.device))
-    element = _element_bytes(dtype)
+    element = dtype.itemsize
     layers = adapter.decoder_layers(model)
     search = config.search.resolved()
     settings = {"method": config.method, "layout": config.layout, "targets": ",".join(config.targets)}
@@ -104,7 +100,7 @@ def prune_plan(model_name: str, config: PruneConfig, calibration: CalibrationDat
         trained = attach_search_adapters(model, adapter, search)  # on the meta model: shapes only
         adapter_params = sum(p.numel() for p in trained)
         # weights, gradients and AdamW's two moments, in the adapters' own (float32) dtype
-        adapter_bytes = 4 * sum(p.numel() * _element_bytes(p.dtype) for p in trained)
+        adapter_bytes = 4 * sum(p.numel() * p.element_size() for p in trained)
     return PrunePlan(
         model=model_name,
         family=model_config.model_type,

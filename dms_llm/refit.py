@@ -84,7 +84,8 @@ def fit_counts(
     """Counts at or under ``budget.target`` (and above its floor where possible), or None.
 
     ``uniform`` moves one shared count per kind; ``allowed_units`` then restricts the shared
-    attention-unit count to the values the family's stock config accepts. ``joint`` trims
+    attention-unit count to the values the family's stock config accepts (a given count that is not
+    one starts at the nearest one below it). ``joint`` trims
     heads and channels in one ranking (their wants must then be comparable, e.g. standardised
     scores as FLAP uses) instead of channels first.
     """
@@ -110,6 +111,11 @@ class _Landing:
         self.counter, self.kept, self.wants = counter, sorted(kept_layers), wants
         self.uniform, self.allowed = uniform, list(allowed_units or [])
         self.counts = {kind: list(values) for kind, values in counts.items()}
+        if uniform and self.allowed and "heads" in self.counts:
+            # start from a savable shared head count: the nearest at or below the one given
+            shared = self.counts["heads"][0]
+            snapped = max((k for k in self.allowed if k <= shared), default=min(self.allowed))
+            self.counts["heads"] = [snapped] * len(self.counts["heads"])
         self.params = count_params(counter, self.kept, self.counts)
 
     # ---- candidate moves ---------------------------------------------------------------

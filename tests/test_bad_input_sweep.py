@@ -95,7 +95,7 @@ PRUNE = [  # (argv, what the error line must say)
     (_prune("--ratio", "0.2", "--device", "tpu"), "unknown device 'tpu'"),
     (_prune("--ratio", "0.2", "--device", "cuda"), "no CUDA GPU"),
     (_prune("--ratio", "0.2", "--mode", "sideways"), "sideways"),
-    (_prune("--ratio", "0.2", "--method", "sparsegpt"), "--method must be one of dms, flap"),
+    (_prune("--ratio", "0.2", "--method", "sparsegpt"), "--method must be one of dms, magnitude"),
     (_prune("--ratio", "0.2", "--method", "flap", "--layout", "uniform"), "FLAP allocates per layer"),
     (_prune("--ratio", "0.2", "--method", "taylor", "--channel-multiple", "8"), "does not take --channel-multiple"),
     (_prune("--ratio", "0.2", "--loss", "mse"), "search.loss must be one of auto, task, kd, task+kd"),
