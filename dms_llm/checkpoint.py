@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
+from .disk_space import disk_errors
 from .errors import DMSError
 from .hub_access import use_cache_if_offline
 from .slicing import MODELING_FILE
@@ -284,24 +285,31 @@ def save_pruned(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; the checkpoint is for others too
     try:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-            carry_tokenizer_files(tokenizer, staging)
-        if getattr(model.config, "dms_layer_shapes", None):
-            shutil.copyfile(Path(__file__).with_name(MODELING_FILE), staging / MODELING_FILE)
-        # report.json marks the folder as dms-llm's: --overwrite replaces no other folder
-        (staging / "report.json").write_text(json.dumps(report or _minimal_report(), indent=2) + "\n")
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text)
-        pickles = [p.name for p in staging.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
-        if pickles:
-            raise RuntimeError(f"refusing to write pickled files {pickles}")
+        with disk_errors(out, "the checkpoint"):
+            _write_checkpoint(model, tokenizer, staging, report, extra_files)
         _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _write_checkpoint(model: nn.Module, tokenizer, staging: Path, report: dict | None, extra_files) -> None:
+    """Every file of a checkpoint into ``staging``."""
+    model.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+        carry_tokenizer_files(tokenizer, staging)
+    if getattr(model.config, "dms_layer_shapes", None):
+        shutil.copyfile(Path(__file__).with_name(MODELING_FILE), staging / MODELING_FILE)
+    # report.json marks the folder as dms-llm's: --overwrite replaces no other folder
+    (staging / "report.json").write_text(json.dumps(report or _minimal_report(), indent=2) + "\n")
+    for name, text in (extra_files or {}).items():
+        (staging / name).write_text(text)
+    pickles = [p.name for p in staging.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    if pickles:
+        raise RuntimeError(f"refusing to write pickled files {pickles}")
+    files_follow_umask(staging)
 
 
 # The files a tokenizer is made of. transformers 5 re-saves only some (no ``tokenizer.model``), and
@@ -321,7 +329,17 @@ TOKENIZER_FILES = (
 
 def tokenizer_source(tokenizer) -> Path | None:
     """The folder the tokenizer was loaded from (a local folder, or the cached Hub snapshot)."""
-    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    return tokenizer_folder(str(getattr(tokenizer, "name_or_path", "") or ""))
+
+
+def tokenizer_files_bytes(name_or_path: str) -> int:
+    """Bytes of a model's own tokenizer files (what every output carries), 0 when not at hand."""
+    folder = tokenizer_folder(name_or_path)
+    return sum((folder / name).stat().st_size for name in TOKENIZER_FILES if (folder / name).is_file()) if folder else 0
+
+
+def tokenizer_folder(name: str) -> Path | None:
+    """The local folder, or the cached Hub snapshot, holding ``name``'s tokenizer files."""
     if not name:
         return None
     folder = Path(name).expanduser()
@@ -350,6 +368,15 @@ def _minimal_report() -> dict:
     from . import __version__
 
     return {"written_by": f"dms-llm {__version__}"}
+
+
+def files_follow_umask(folder: Path) -> None:
+    """Give the files in ``folder`` the mode the umask asks for: safetensors (0.8) writes its files
+    private (0600), and on a shared GPU server the weights must be as readable as the rest."""
+    mode = 0o666 & ~current_umask()
+    for file in Path(folder).iterdir():
+        if file.is_file():
+            os.chmod(file, mode)
 
 
 def current_umask() -> int:

@@ -264,7 +264,17 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     import json
 
-    from .checkpoint import check_output_dir, load_config, load_model, save_pruned
+    from .checkpoint import (
+        check_output_dir,
+        empty_model,
+        load_config,
+        load_model,
+        resolve_device,
+        resolve_dtype,
+        save_pruned,
+        tokenizer_files_bytes,
+    )
+    from .disk_space import check_room
     from .output_lock import claim_output
 
     if args.quiet:  # transformers' own bars too (loading, "Writing model shards"), as prune --quiet
@@ -289,7 +299,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
     config.validate()
     source = Path(args.model).expanduser()
     output = check_output_dir(args.output_dir or f"{str(source).rstrip('/')}-lora", args.overwrite)
-    load_config(args.model)
+    params = sum(p.numel() for p in empty_model(load_config(args.model)).parameters())
+    element = resolve_dtype(args.dtype, resolve_device(args.device)).itemsize
+    needed = params * element + tokenizer_files_bytes(args.model)
+    check_room(output, needed, "the recovered checkpoint")  # before the dense teacher and the training
     _check_text_source(config.data)
     report_path = source / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}

@@ -10,11 +10,12 @@ Example:
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import shutil
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .errors import DMSError
@@ -70,16 +71,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not args.model:
         raise DMSError("name the model to prune (a Hub name or a folder), or a --recipe that names one")
     from .checkpoint import check_output_dir
+    from .disk_space import check_room, free_bytes, size_text
 
     config = _prune_config(args)
     output_dir = check_output_dir(args.output_dir or _default_output(args.model, config), args.overwrite)
-    args.calibration = _check_before_loading(args.model, config, args.push_to_hub)
-    if args.dry_run:  # every check above has passed; nothing is loaded or written
-        from .plan import prune_plan, render_plan
+    args.calibration, plan = _check_before_loading(args.model, config, args.push_to_hub)
+    if args.dry_run and os.environ.get("RANK", "0") == "0":  # one plan under a launcher
+        from .plan import render_plan
 
-        if os.environ.get("RANK", "0") == "0":  # one plan under a launcher
-            print(render_plan(prune_plan(args.model, config, args.calibration)))
-            print(f"output: {output_dir} (not created: --dry-run)")
+        print(render_plan(plan))
+        print(f"output: {output_dir} (not created: --dry-run; {size_text(free_bytes(output_dir))} free on its disk)")
+    # hours of search must not end on a full disk: the checkpoint and the search state must fit now
+    check_room(output_dir, plan.disk_bytes, "the checkpoint" + (" and the search state" if plan.state_bytes else ""))
+    if args.dry_run:  # every check has passed; nothing was loaded or written
         return 0
 
     from .launch import make_accelerator, relaunch_cpu_ranks, requested_cpu_processes, uses_fsdp
@@ -135,16 +139,17 @@ def _search_and_save(args: argparse.Namespace, config, output_dir: Path, acceler
     )
     if main and state_dir.exists() and not args.resume:
         console.print(f"note: {state_dir} holds an interrupted search; pass --resume to continue it", markup=False)
-    model, report = prune(
-        model,
-        tokenizer,
-        config,
-        calibration=calibration,
-        progress=not args.quiet,
-        accelerator=accelerator,
-        state_dir=state_dir,
-        resume=args.resume,
-    )
+    with _keeping_the_search_on_a_full_disk(state_dir):
+        model, report = prune(
+            model,
+            tokenizer,
+            config,
+            calibration=calibration,
+            progress=not args.quiet,
+            accelerator=accelerator,
+            state_dir=state_dir,
+            resume=args.resume,
+        )
     if not main:  # only the main process touches the output folder
         return 0
     # a local base model is stored as an absolute path: `recover --distill` finds it from any folder
@@ -152,7 +157,8 @@ def _search_and_save(args: argparse.Namespace, config, output_dir: Path, acceler
     report.model = str(local.resolve()) if local.is_dir() else args.model
     report.command = "dms-llm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["prune"] else None
     extra = {"eval.json": json.dumps(report.evaluation, indent=2) + "\n"} if report.evaluation else None
-    save_pruned(model, tokenizer, output_dir, report=report.to_dict(), overwrite=args.overwrite, extra_files=extra)
+    with _keeping_the_search_on_a_full_disk(state_dir):
+        save_pruned(model, tokenizer, output_dir, report=report.to_dict(), overwrite=args.overwrite, extra_files=extra)
     shutil.rmtree(state_dir, ignore_errors=True)  # the checkpoint is safe: the search state is not needed
     sys.stdout.write(report.render(width=max(console.width, 100)))
     print(f"saved to {output_dir}")
@@ -167,24 +173,37 @@ def _search_and_save(args: argparse.Namespace, config, output_dir: Path, acceler
     return 0
 
 
+@contextmanager
+def _keeping_the_search_on_a_full_disk(state_dir: Path):
+    """A disk that fills up after the search has saved its state: say how to get the result back."""
+    from .disk_space import DiskFullError
+
+    try:
+        yield
+    except DiskFullError as error:
+        if not state_dir.exists() or error.code == errno.EFBIG:  # a file-size limit stays: no rerun helps
+            raise
+        raise DiskFullError(
+            f"{error}. The search state is kept in {state_dir}: once there is room, rerun the same command "
+            "with --resume to continue from its last save instead of starting over",
+            error.code,
+        ) from None
+
+
 def _check_before_loading(model: str, config, push_to: str | None = None):
     """Everything that needs no weights, so that bad input fails in seconds: device, architecture,
     budget, Hub repository id, every text source; returns the calibration blocks (the tokenizer is
-    light, and a calibration file shorter than one block is found here, not after loading)."""
+    light, and a calibration file shorter than one block is found here, not after loading) and the
+    run's plan (exact counts, memory and disk, from the config alone: what ``--dry-run`` prints)."""
     from transformers import AutoTokenizer
 
-    from .adapters import get_adapter
-    from .budget import ParamCounter, resolve_budget
-    from .checkpoint import empty_model, load_config, resolve_device
+    from .checkpoint import resolve_device, tokenizer_files_bytes
     from .data import calibration_blocks
+    from .plan import calibration_setting, prune_plan
 
     resolve_device(config.device)  # --device cuda on a machine without one: say so now
-    model_config = load_config(model)
-    adapter = get_adapter(model_config)
-    empty = empty_model(model_config)
-    counter = ParamCounter.from_model(empty, adapter)
-    resolve_budget(counter, config.ratio, config.params, config.targets)
-    narrowest = min(adapter.geometry(empty).channels)
+    plan = prune_plan(model, config)  # its architecture and exact counts: an unreachable budget fails here
+    narrowest = plan.mlp_width[0]
     if config.channel_multiple > narrowest:
         raise DMSError(f"--channel-multiple {config.channel_multiple} is larger than the narrowest MLP ({narrowest})")
     if push_to:
@@ -203,7 +222,10 @@ def _check_before_loading(model: str, config, push_to: str | None = None):
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DMSError(f"could not load the tokenizer of {model!r}: {first}") from None
-    return calibration_blocks(tokenizer, config.data, config.seed)
+    calibration = calibration_blocks(tokenizer, config.data, config.seed)
+    plan.settings["calibration"] = calibration_setting(calibration, config)
+    plan.tokenizer_bytes = tokenizer_files_bytes(model)  # now in the Hub cache, if it was not before
+    return calibration, plan
 
 
 def _check_text_source(source: str, text_field: str = "text") -> None:

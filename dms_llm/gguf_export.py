@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_model_folder, check_output_file, corrupt_weights, current_umask
+from .checkpoint import check_model_folder, check_output_file, corrupt_weights, current_umask, tokenizer_files_bytes
+from .disk_space import check_room, disk_errors
 from .errors import DMSError
 from .gguf_vocab import add_vocabulary
 from .output_lock import claim_output
@@ -273,7 +274,10 @@ def export_gguf(
     out = Path(output).expanduser() if output else folder / f"{folder.resolve().name}-{outtype}.gguf"
     check_output_file(out, overwrite)
     tensors = planned_tensors(folder, plan)
-    with claim_output(out):  # one export at a time into this file; a killed one's staging file goes
+    size = sum(_nbytes(t.shape, storage_type(t, outtype)) for t in tensors)  # exact
+    # the vocabulary it stores takes less than the tokenizer files it is read from
+    check_room(out, size + tokenizer_files_bytes(str(folder)), f"the {outtype} GGUF file")
+    with claim_output(out), disk_errors(out, "the GGUF file"):  # one export at a time into this file
         _write(out, folder, plan, tensors, outtype)
     return out
 

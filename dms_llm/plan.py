@@ -6,7 +6,8 @@ on the meta device), the target and the largest reachable ratio, the resolved se
 calibration data, and the memory that does not depend on activations: the weights in the dtype
 they will load in, the largest rank's share under ``--shard``, the pruned model at the target, and
 lora mode's adapters with their gradients and AdamW moments (counted by attaching them to the meta
-model, as the search does). Activations depend on the batch, the sequence length and the attention
+model, as the search does), and the disk the run writes (the checkpoint, and the resumable search
+state kept beside it). Activations depend on the batch, the sequence length and the attention
 kernel; the scale benchmark measures them.
 
 Example:
@@ -24,9 +25,10 @@ import torch
 
 from .adapters import get_adapter
 from .budget import ParamCounter, resolve_budget
-from .checkpoint import empty_model, load_config, resolve_device, resolve_dtype
+from .checkpoint import empty_model, load_config, resolve_device, resolve_dtype, tokenizer_files_bytes
 from .config import PruneConfig
 from .data import CalibrationData
+from .disk_space import size_text
 
 SHARD_RANKS = (2, 4, 8)
 
@@ -51,7 +53,15 @@ class PrunePlan:
     shard_rank_bytes: dict[int, int]  # ranks -> weight bytes of the largest rank under --shard
     adapter_params: int | None  # lora mode's adapters (None in other modes)
     adapter_bytes: int | None  # the adapters, their gradients and AdamW's two moments
+    state_bytes: int  # the resumable search state on disk (0 when none is kept)
+    tokenizer_bytes: int  # the tokenizer files every checkpoint carries
     settings: dict
+
+    @property
+    def disk_bytes(self) -> int:
+        """The most disk the run holds at once: a state save writes the new state beside the old
+        one, and the checkpoint is written while the last state is still kept."""
+        return max(2 * self.state_bytes, self.state_bytes + self.pruned_bytes + self.tokenizer_bytes)
 
 
 def _largest_shard(model: torch.nn.Module, layers: torch.nn.ModuleList, ranks: int, element: int) -> int:
@@ -85,10 +95,7 @@ def prune_plan(model_name: str, config: PruneConfig, calibration: CalibrationDat
     search = config.search.resolved()
     settings = {"method": config.method, "layout": config.layout, "targets": ",".join(config.targets)}
     if calibration is not None:
-        blocks = calibration.calib
-        settings["calibration"] = (
-            f"{blocks.shape[0]} blocks x {blocks.shape[1]} tokens ({blocks.numel():,} tokens) from {config.data.calib}"
-        )
+        settings["calibration"] = calibration_setting(calibration, config)
     if config.method == "dms":
         settings.update(mode=search.mode, loss=search.loss, steps=search.steps)
         settings["step"] = f"{search.batch_size} blocks x {search.grad_accum} micro-batches per process"
@@ -120,16 +127,31 @@ def prune_plan(model_name: str, config: PruneConfig, calibration: CalibrationDat
         shard_rank_bytes=shard_rank_bytes,
         adapter_params=adapter_params,
         adapter_bytes=adapter_bytes,
+        state_bytes=_state_bytes(config, counter.total * element, adapter_bytes),
+        tokenizer_bytes=tokenizer_files_bytes(model_name),
         settings=settings,
     )
 
 
-def _size(n: int) -> str:
-    """Bytes in the largest binary unit that keeps them >= 1 (GiB at most)."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
+def calibration_setting(calibration: CalibrationData, config: PruneConfig) -> str:
+    """How the plan describes the calibration blocks."""
+    blocks = calibration.calib
+    return f"{blocks.shape[0]} blocks x {blocks.shape[1]} tokens ({blocks.numel():,} tokens) from {config.data.calib}"
+
+
+def _state_bytes(config: PruneConfig, weight_bytes: int, adapter_bytes: int | None) -> int:
+    """Disk of the search state saved every ``search.save_every`` steps: joint mode keeps the weights
+    and AdamW's two moments (in the weights' dtype); lora mode its adapters and their moments
+    (``adapter_bytes`` also counts their gradients, which are not saved); structure mode only
+    its masks (kilobytes)."""
+    search = config.search.resolved()
+    if config.method != "dms" or not search.save_every or (search.mode == "joint" and config.shard):
+        return 0  # no state, or (a sharded joint search) none kept
+    if search.mode == "joint":
+        return 3 * weight_bytes
+    if search.mode == "lora":
+        return 3 * (adapter_bytes or 0) // 4
+    return 0
 
 
 def _span(values: tuple[int, int]) -> str:
@@ -138,7 +160,7 @@ def _span(values: tuple[int, int]) -> str:
 
 def render_plan(plan: PrunePlan) -> str:
     """The plan as the lines ``--dry-run`` prints."""
-    shards = ", ".join(f"{n} ranks {_size(b)}" for n, b in plan.shard_rank_bytes.items())
+    shards = ", ".join(f"{n} ranks {size_text(b)}" for n, b in plan.shard_rank_bytes.items())
     lines = [
         f"model: {plan.model} ({plan.family}): {plan.layers} layers, {_span(plan.kv_groups)} KV groups of "
         f"{plan.group_size} query heads, MLP width {_span(plan.mlp_width)}, vocabulary {plan.vocab:,}",
@@ -146,13 +168,17 @@ def render_plan(plan: PrunePlan) -> str:
         f"({plan.ratio:.2%} removed); largest reachable ratio with {plan.settings['targets']}: "
         f"{math.floor(plan.largest_ratio * 1000) / 1000:.3f}",
         "settings: " + ", ".join(f"{k} {v}" for k, v in plan.settings.items() if k != "targets"),
-        f"weights: {_size(plan.weight_bytes)} in {plan.dtype}; the pruned model at most {_size(plan.pruned_bytes)}",
+        f"weights: {size_text(plan.weight_bytes)} in {plan.dtype}; "
+        f"the pruned model at most {size_text(plan.pruned_bytes)}",
         f"weights per rank under --shard (the largest rank): {shards}",
     ]
     if plan.adapter_params is not None:
         lines.append(
-            f"lora adapters: {plan.adapter_params:,} parameters, {_size(plan.adapter_bytes)} with their gradients "
+            f"lora adapters: {plan.adapter_params:,} parameters, {size_text(plan.adapter_bytes)} with their gradients "
             "and AdamW moments, on every rank"
         )
+    state = f"; the search state kept beside it {size_text(plan.state_bytes)}" if plan.state_bytes else ""
+    checkpoint = size_text(plan.pruned_bytes + plan.tokenizer_bytes)
+    lines.append(f"disk: the checkpoint at most {checkpoint}{state}; at most {size_text(plan.disk_bytes)} at a time")
     lines.append("beyond these: the activations of one step (see --gradient-checkpointing); nothing was loaded")
     return "\n".join(lines)

@@ -27,8 +27,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activation_checkpointing import set_activation_checkpointing
+from .checkpoint import files_follow_umask
 from .config import DataConfig, RecoverConfig
 from .data import CalibrationData, calibration_blocks
+from .disk_space import disk_errors
 from .errors import DMSError
 from .evaluate import perplexity
 from .losses import TeacherTargets, causal_lm_loss, teacher_targets
@@ -123,7 +125,10 @@ def train_lora(
         history.append(record)
         bar.set_postfix({k: v for k, v in record.items() if k != "step"})
         if checkpoint_dir and config.save_every and (step + 1) % config.save_every == 0:
-            peft_model.save_pretrained(Path(checkpoint_dir) / f"step-{step + 1}")  # adapter safetensors
+            saved = Path(checkpoint_dir) / f"step-{step + 1}"
+            with disk_errors(saved, "the adapter checkpoint"):
+                peft_model.save_pretrained(saved)  # adapter safetensors
+            files_follow_umask(saved)
     if config.gradient_checkpointing:
         set_activation_checkpointing(peft_model, False)
     peft_model.eval()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .disk_space import disk_errors
 from .errors import DMSError
 
 TENSORS = "state.safetensors"
@@ -59,6 +60,22 @@ def save_state(
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    try:
+        with disk_errors(folder, "the search state"):
+            _write_state(staging, step, masks, optimizers, meta, weights)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk keeps the previous state and no partial one
+        raise
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        folder.rename(old)
+        staging.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(folder)
+
+
+def _write_state(staging: Path, step: int, masks, optimizers: dict, meta: dict, weights: dict | None) -> None:
     tensors = {f"masks.{k}": v.detach().cpu().contiguous().float() for k, v in masks.state_dict().items()}
     tensors["rng.torch"] = torch.get_rng_state()
     optimizer_meta = {}
@@ -74,13 +91,6 @@ def save_state(
         tensors[f"weights.{name}"] = value.detach().cpu().contiguous()
     save_file(tensors, str(staging / TENSORS))
     (staging / META).write_text(json.dumps({**meta, "step": step, "optimizers": optimizer_meta}) + "\n")
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        folder.rename(old)
-        staging.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(folder)
 
 
 def load_state(folder: str | Path) -> tuple[dict, dict] | None:

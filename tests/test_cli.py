@@ -160,6 +160,9 @@ def test_checkpoint_folders_follow_the_umask(tmp_path):
                      "search.steps=5", "data.num_blocks=64", "-o", "out", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~_umask()  # not 700: others may serve it
+    files = {file.name: file.stat().st_mode & 0o777 for file in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in files  # safetensors writes it 600: others could not load the weights
+    assert files == dict.fromkeys(files, 0o666 & ~_umask())
 
 
 def _umask() -> int:

@@ -65,7 +65,7 @@ def test_dry_run_prints_the_real_counts_and_loads_and_writes_nothing(tmp_path, m
     assert "mode lora, loss task+kd" in printed and "1024 blocks x 128 tokens" in printed
     adapters = attach_search_adapters(model, adapter, SearchConfig(mode="lora"))  # the real model's adapters
     assert f"lora adapters: {sum(p.numel() for p in adapters):,} parameters" in printed
-    assert "output: out (not created: --dry-run)" in printed
+    assert "output: out (not created: --dry-run; " in printed and "free on its disk" in printed
     # bad input still fails as a real run would, before anything else
     assert main([*argv[:3], "0.99", *argv[4:]]) == 2 and "cannot be reached" in capsys.readouterr().err
 
