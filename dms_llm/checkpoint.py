@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .disk_space import disk_errors
+from .disk_space import check_download_room, disk_errors
 from .errors import DMSError
 from .hub_access import use_cache_if_offline
 from .slicing import MODELING_FILE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken")  # what a Hub model is read from
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -188,9 +189,9 @@ def _local_folder(name_or_path: str) -> Path:
         return folder
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    check_download_room(name_or_path, HUB_FILES)
     try:
-        return Path(snapshot_download(name_or_path, allow_patterns=patterns))
+        return Path(snapshot_download(name_or_path, allow_patterns=list(HUB_FILES)))
     except Exception as error:  # offline, gated, missing: one clear line
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OSError(first) from None

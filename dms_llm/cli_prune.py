@@ -197,12 +197,15 @@ def _check_before_loading(model: str, config, push_to: str | None = None):
     run's plan (exact counts, memory and disk, from the config alone: what ``--dry-run`` prints)."""
     from transformers import AutoTokenizer
 
-    from .checkpoint import resolve_device, tokenizer_files_bytes
+    from .checkpoint import HUB_FILES, resolve_device, tokenizer_files_bytes
     from .data import calibration_blocks
+    from .disk_space import check_download_room
     from .plan import calibration_setting, prune_plan
 
     resolve_device(config.device)  # --device cuda on a machine without one: say so now
     plan = prune_plan(model, config)  # its architecture and exact counts: an unreachable budget fails here
+    if not Path(model).expanduser().is_dir():  # a Hub model: its weights must fit in the cache
+        check_download_room(model, HUB_FILES)
     narrowest = plan.mlp_width[0]
     if config.channel_multiple > narrowest:
         raise DMSError(f"--channel-multiple {config.channel_multiple} is larger than the narrowest MLP ({narrowest})")

@@ -23,6 +23,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 from .errors import DMSError
@@ -39,9 +40,8 @@ _SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
 
 
 def size_text(n: int) -> str:
-    """Bytes in the largest binary unit that keeps them >= 1 (GiB at most): ``size_text(3 * 2**30)``
-    is ``'3.00 GiB'``."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    """Bytes in the largest binary unit that keeps them >= 1: ``size_text(3 * 2**30)`` is ``'3.00 GiB'``."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
@@ -58,14 +58,47 @@ def free_bytes(path: str | os.PathLike) -> int:
     return shutil.disk_usage(_existing(Path(path))).free
 
 
-def check_room(path: str | os.PathLike, needed: int, what: str) -> None:
+def check_room(
+    path: str | os.PathLike, needed: int, what: str, fix: str = "free some space or write somewhere else"
+) -> None:
     """Refuse (DMSError) when ``needed`` bytes, plus a margin, do not fit where ``path`` will be."""
     free = free_bytes(path)
     if needed + MARGIN > free:
         raise DMSError(
             f"writing {what} takes about {size_text(needed + MARGIN)} on the disk that holds {str(path)!r}, which "
-            f"has {size_text(free)} free; free some space or write somewhere else"
+            f"has {size_text(free)} free; {fix}"
         )
+
+
+@cache
+def check_download_room(repo_id: str, patterns: tuple[str, ...]) -> None:
+    """Refuse a Hub download that the cache's disk cannot hold: huggingface_hub only warns, file
+    by file, and a 70B model's 140 GB then fail part-way. The files matching ``patterns`` that the
+    cache lacks are counted from the repository's listing; offline, or when the listing cannot be
+    had (gated, missing), the download itself says what is wrong."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        info = HfApi().model_info(repo_id, files_metadata=True)
+    except Exception:  # gated without a token, no such repository, no network: left to the download
+        return
+    missing = [
+        sibling
+        for sibling in info.siblings or []
+        if sibling.size
+        and any(fnmatch(sibling.rfilename, pattern) for pattern in patterns)
+        and not isinstance(try_to_load_from_cache(repo_id, sibling.rfilename, revision=info.sha), str)
+    ]
+    check_room(
+        constants.HF_HUB_CACHE,
+        sum(sibling.size for sibling in missing),
+        f"{repo_id}'s {len(missing)} missing files into the Hugging Face cache",
+        "free some space there, or point HF_HOME (or HF_HUB_CACHE) at a larger disk",
+    )
 
 
 def disk_error_code(error: BaseException, path: str | os.PathLike = ".") -> int | None:

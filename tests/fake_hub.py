@@ -8,13 +8,20 @@ commit) and post the commit as NDJSON. The server records what it received.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeHub:
-    def __init__(self, fail_commit: bool = False) -> None:
+    """``models``: repository id -> {file name: (content, size the listing claims)}, served for
+    download (``resolve``) and listed with their sizes (``model_info(files_metadata=True)``)."""
+
+    SHA = "b" * 40
+
+    def __init__(self, fail_commit: bool = False, models: dict[str, dict[str, tuple[bytes, int]]] | None = None):
+        self.models = models or {}
         self.calls: list[tuple[str, str]] = []
         self.repos: dict[str, dict] = {}
         self.branches: list[tuple[str, str]] = []
@@ -34,11 +41,43 @@ class FakeHub:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def do_HEAD(self):
+                self._file(send_body=False)
+
             def do_GET(self):
                 hub.calls.append(("GET", self.path))
                 if self.path.startswith("/api/whoami"):
                     return self._reply(200, {"name": "tester", "type": "user"})
+                parts = self.path.split("?")[0].split("/")  # /api/models/{ns}/{name}[/revision/{rev}]
+                if len(parts) >= 5 and parts[:3] == ["", "api", "models"]:
+                    repo_id = f"{parts[3]}/{parts[4]}"
+                    if repo_id not in hub.models:
+                        return self._reply(404, {"error": "Repository not found"})
+                    siblings = [{"rfilename": name, "size": size} for name, (_, size) in hub.models[repo_id].items()]
+                    return self._reply(200, {"id": repo_id, "sha": hub.SHA, "siblings": siblings})
+                if "/resolve/" in self.path:
+                    return self._file(send_body=True)
                 return self._reply(404, {"error": "not found"})
+
+            def _file(self, send_body: bool) -> None:
+                """/{ns}/{name}/resolve/{revision}/{file}: the file, with the headers a download reads."""
+                hub.calls.append(("HEAD" if not send_body else "GET", self.path))
+                repo, _, rest = self.path.split("?")[0].lstrip("/").partition("/resolve/")
+                name = rest.partition("/")[2]
+                content = hub.models.get(repo, {}).get(name, (None, 0))[0]
+                if content is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", hub.SHA)
+                self.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                if send_body:
+                    self.wfile.write(content)
 
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)

@@ -181,3 +181,59 @@ def test_the_errors_that_mean_no_room_and_only_those():
     # any other failure is not disguised as a full disk
     with pytest.raises(PermissionError), disk_errors(".", "the checkpoint"):
         raise PermissionError(errno.EACCES, "Permission denied")
+
+
+def _hub_model(weights_claimed: int) -> dict[str, tuple[bytes, int]]:
+    """stories260K's config and tokenizer as a Hub repository whose listing claims ``weights_claimed``
+    bytes of safetensors (never downloaded: the check must stop before)."""
+    files = {f.name: (f.read_bytes(), f.stat().st_size) for f in STORIES.iterdir() if f.suffix != ".safetensors"}
+    return {**files, "model-00001-of-00002.safetensors": (b"", weights_claimed // 2),
+            "model-00002-of-00002.safetensors": (b"", weights_claimed - weights_claimed // 2)}  # fmt: skip
+
+
+def test_a_hub_model_larger_than_the_cache_disk_is_refused_before_downloading(tmp_path):
+    # huggingface_hub only warns, file by file, and fails part-way; the real client runs here, against
+    # a local stand-in for the Hub whose listing claims 1 PiB of weights
+    require_shared()
+    from fake_hub import FakeHub
+
+    with FakeHub(models={"org/huge": _hub_model(2**50)}) as hub:
+        online = {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
+        env = {**os.environ, **online, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+        for extra in ([], ["--dry-run"]):
+            result = subprocess.run(
+                [sys.executable, "-m", "dms_llm", "prune", "org/huge", "--ratio", "0.2", "-o", "out",
+                 "--calib", str(TINYSTORIES), *extra], capture_output=True, text=True, env=env, cwd=tmp_path,
+            )  # fmt: skip
+            line = _one_line_error(result)
+            # the tokenizer's three files and the two weight shards (config.json was read: it is cached)
+            assert "org/huge's 5 missing files into the Hugging Face cache takes about 1024.00 TiB" in line, line
+            assert "HF_HOME" in line
+        assert not any(path.endswith(".safetensors") for _, path in hub.calls if "/resolve/" in path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_download_check_counts_only_the_files_the_cache_lacks(tmp_path, monkeypatch):
+    require_shared()
+    from fake_hub import FakeHub
+    from huggingface_hub import constants
+
+    from dms_llm.checkpoint import HUB_FILES
+    from dms_llm.disk_space import check_download_room
+
+    model = _hub_model(2 * 2**20)
+    model["config.json"] = (model["config.json"][0], 2**50)  # the listing claims a huge config.json
+    with FakeHub(models={"org/small": model}) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        with pytest.raises(dms_llm.errors.DMSError, match="org/small's 6 missing files"):
+            check_download_room.__wrapped__("org/small", HUB_FILES)
+        # the real client downloads config.json into that cache (its own process: the endpoint is read at import)
+        online = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "hub")}
+        download = "import huggingface_hub; huggingface_hub.hf_hub_download('org/small', 'config.json')"
+        subprocess.run([sys.executable, "-c", download], check=True, env={**os.environ, **online})
+        check_download_room.__wrapped__("org/small", HUB_FILES)  # cached now: 2 MiB of weights fit
+        _report_free(monkeypatch, 2 * 2**20)
+        with pytest.raises(dms_llm.errors.DMSError, match="org/small's 5 missing files"):
+            check_download_room.__wrapped__("org/small", HUB_FILES)
