@@ -272,10 +272,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
         resolve_device,
         resolve_dtype,
         save_pruned,
-        tokenizer_files_bytes,
     )
     from .disk_space import check_room
     from .output_lock import claim_output
+    from .tokenizer_files import tokenizer_files_bytes
 
     if args.quiet:  # transformers' own bars too (loading, "Writing model shards"), as prune --quiet
         import transformers

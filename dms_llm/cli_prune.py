@@ -197,10 +197,11 @@ def _check_before_loading(model: str, config, push_to: str | None = None):
     run's plan (exact counts, memory and disk, from the config alone: what ``--dry-run`` prints)."""
     from transformers import AutoTokenizer
 
-    from .checkpoint import HUB_FILES, resolve_device, tokenizer_files_bytes
+    from .checkpoint import HUB_FILES, resolve_device
     from .data import calibration_blocks
     from .disk_space import check_download_room
     from .plan import calibration_setting, prune_plan
+    from .tokenizer_files import tokenizer_files_bytes
 
     resolve_device(config.device)  # --device cuda on a machine without one: say so now
     plan = prune_plan(model, config)  # its architecture and exact counts: an unreachable budget fails here

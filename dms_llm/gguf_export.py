@@ -26,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_model_folder, check_output_file, corrupt_weights, current_umask, tokenizer_files_bytes
+from .checkpoint import check_model_folder, check_output_file, corrupt_weights, current_umask
 from .disk_space import check_room, disk_errors
 from .errors import DMSError
 from .gguf_vocab import add_vocabulary
 from .output_lock import claim_output
+from .tokenizer_files import tokenizer_files_bytes
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 

@@ -25,10 +25,11 @@ import torch
 
 from .adapters import get_adapter
 from .budget import ParamCounter, resolve_budget
-from .checkpoint import empty_model, load_config, resolve_device, resolve_dtype, tokenizer_files_bytes
+from .checkpoint import empty_model, load_config, resolve_device, resolve_dtype
 from .config import PruneConfig
 from .data import CalibrationData
 from .disk_space import size_text
+from .tokenizer_files import tokenizer_files_bytes
 
 SHARD_RANKS = (2, 4, 8)
 

@@ -118,7 +118,7 @@ def make_checkpoint(name: str, folder: Path, device: str) -> None:
     from accelerate import init_empty_weights
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dms_llm.checkpoint import carry_tokenizer_files
+    from dms_llm.tokenizer_files import carry_tokenizer_files
 
     _, dtype, config = CONFIGS[name]
     with init_empty_weights():
