@@ -2,6 +2,7 @@
 
     python eval/benchmark_scale.py                        # Llama-3.2-1B shape (fp32) + Llama-2-7B shape (bf16)
     python eval/benchmark_scale.py --models 1b --steps 2   # one model, fewer timed steps
+    python eval/benchmark_scale.py --models 1b --malloc-mmap-threshold 1048576 --out eval/results/scale-mmap
     python eval/benchmark_scale.py --device cuda --models 7b,8b --dtype bfloat16   # on a GPU
 
 Random weights with the real configs are written once to ``--work-dir`` (safetensors, like a Hub
@@ -260,7 +261,12 @@ def write_results(results: list[dict], args, command: str) -> None:
     lines = [
         f"Cost of each stage on {payload['machine']}; random weights with the real configs, ratio 0.2, "
         "search at the defaults (8 x 128 tokens a step, weights frozen). Peak: peak RSS of the stage "
-        "(GPU: max allocated), and that over the weight bytes.",
+        "(GPU: max allocated), and that over the weight bytes."
+        + (
+            f" glibc's mmap threshold fixed at {args.malloc_mmap_threshold:,} bytes (MALLOC_MMAP_THRESHOLD_)."
+            if args.malloc_mmap_threshold is not None
+            else ""
+        ),
         "",
         "| model | stage | seconds | peak GiB | peak / weights |",
         "|---|---|---|---|---|",
@@ -296,6 +302,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dms-llm-scale")
     parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "scale")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        help="run the stages with glibc's MALLOC_MMAP_THRESHOLD_ fixed at this many bytes (CPU memory tip)",
+    )
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # internal: make:NAME or run:NAME
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -315,7 +326,10 @@ def main() -> None:
         if not (args.work_dir / name / "config.json").exists():
             subprocess.run([*base, "--stage", f"make:{name}"], check=True)
         print(f"{CONFIGS[name][0]}:", flush=True)
-        done = subprocess.run([*base, "--stage", f"run:{name}"], check=True, stdout=subprocess.PIPE, text=True)
+        env = dict(os.environ)
+        if args.malloc_mmap_threshold is not None:  # read by glibc at the process's start
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+        done = subprocess.run([*base, "--stage", f"run:{name}"], check=True, stdout=subprocess.PIPE, text=True, env=env)
         lines = done.stdout.strip().splitlines()
         print("\n".join(lines[:-1]))
         results.append(json.loads(lines[-1]))

@@ -66,7 +66,6 @@ def test_a_checkpoint_too_large_to_write_keeps_the_search_and_resume_finishes_it
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.search-state", "reference"]
     resumed = _dms_llm(_prune_args("out", "search.mode=structure", "--resume"), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "search: 4 steps in 0.0 s" in resumed.stdout  # continued from the last save: no step rerun
     assert not (tmp_path / ".out.search-state").exists()
     arch = [json.loads((tmp_path / name / "report.json").read_text())["architecture"] for name in ("out", "reference")]
     assert arch[0] == arch[1]
