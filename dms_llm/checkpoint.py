@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .disk_space import check_download_room, disk_errors
+from .disk_space import check_download_room, disk_errors, nearest_existing
 from .errors import DMSError
 from .hub_access import use_cache_if_offline
 from .slicing import MODELING_FILE
@@ -253,7 +253,7 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
 
 def check_creatable(out: Path) -> None:
     """``out`` can be created: its nearest existing parent is a writable folder."""
-    parent = next((p for p in out.absolute().parents if p.exists()), Path("/"))
+    parent = nearest_existing(out.absolute().parent)
     if not parent.is_dir():
         raise DMSError(f"cannot create {str(out)!r}: {str(parent)!r} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):

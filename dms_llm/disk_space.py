@@ -47,7 +47,7 @@ def size_text(n: int) -> str:
     return f"{n} B"
 
 
-def _existing(path: Path) -> Path:
+def nearest_existing(path: str | os.PathLike) -> Path:
     """``path`` or its nearest existing parent: where a file or folder to be created will live."""
     path = Path(path).expanduser().absolute()
     return next((p for p in (path, *path.parents) if p.exists()), Path(path.anchor))
@@ -55,7 +55,7 @@ def _existing(path: Path) -> Path:
 
 def free_bytes(path: str | os.PathLike) -> int:
     """Free bytes (for this user) on the disk that holds, or will hold, ``path``."""
-    return shutil.disk_usage(_existing(Path(path))).free
+    return shutil.disk_usage(nearest_existing(path)).free
 
 
 def check_room(

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -126,8 +127,14 @@ def train_lora(
         bar.set_postfix({k: v for k, v in record.items() if k != "step"})
         if checkpoint_dir and config.save_every and (step + 1) % config.save_every == 0:
             saved = Path(checkpoint_dir) / f"step-{step + 1}"
-            with disk_errors(saved, "the adapter checkpoint"):
-                peft_model.save_pretrained(saved)  # adapter safetensors
+            try:
+                with disk_errors(saved, "the adapter checkpoint"):
+                    peft_model.save_pretrained(saved)  # adapter safetensors
+            except BaseException:
+                shutil.rmtree(saved, ignore_errors=True)  # no half-written adapter beside the good ones
+                if not any(saved.parent.iterdir()):
+                    saved.parent.rmdir()  # nor an empty checkpoints folder
+                raise
             files_follow_umask(saved)
     if config.gradient_checkpointing:
         set_activation_checkpointing(peft_model, False)

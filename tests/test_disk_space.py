@@ -92,6 +92,15 @@ def test_a_gguf_too_large_for_the_filesystem_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no staging file and no lock left
 
 
+def test_an_adapter_checkpoint_too_large_to_write_leaves_nothing(tmp_path):
+    require_shared()
+    args = ["recover", str(STORIES), "-o", "out", "--data", str(TINYSTORIES), "--steps", "4", "--save-every", "2"]
+    failed = _dms_llm([*args, "--quiet"], tmp_path, max_file_bytes=100 * 1024)  # the adapter is ~190 KB
+    line = _one_line_error(failed)
+    assert "could not write the adapter checkpoint to 'out-checkpoints/step-2': File too large" in line
+    assert list(tmp_path.iterdir()) == []  # no half-written adapter, no empty checkpoints folder
+
+
 def _report_free(monkeypatch, free: int) -> None:
     """Every disk reports ``free`` bytes free (what ``df`` would say of a nearly full one)."""
     real = shutil.disk_usage
