@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from .config_compat import oldest_transformers
+
 ARCHITECTURE_PLOT = "architecture.png"
 
 
@@ -144,6 +146,8 @@ def model_card(folder: str | Path, repo_id: str | None = None, license: str | No
             "the weights builds them (transformers only, no dms-llm needed).",
             "",
         ]
+    if config.get("model_type"):
+        lines += [f"Loads with transformers {oldest_transformers(config)} or later, 5.x included.", ""]
     lines += _how_it_was_made(report)
     if report.get("layers"):
         lines += ["## Architecture", "", f"![kept heads and channels per layer]({ARCHITECTURE_PLOT})", ""]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
+from .config_compat import add_legacy_keys
 from .disk_space import check_download_room, disk_errors, nearest_existing
 from .errors import DMSError
 from .hub_access import use_cache_if_offline
@@ -299,6 +300,7 @@ def save_pruned(
 def _write_checkpoint(model: nn.Module, tokenizer, staging: Path, report: dict | None, extra_files) -> None:
     """Every file of a checkpoint into ``staging``."""
     model.save_pretrained(staging)
+    add_legacy_keys(staging)  # transformers 4.x would load it without its RoPE settings
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
         carry_tokenizer_files(tokenizer, staging)

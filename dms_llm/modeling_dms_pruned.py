@@ -5,7 +5,7 @@ loads with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`
 without dms-llm. ``config.json`` keeps the family's own ``model_type`` and adds
 ``dms_layer_shapes``: one ``{"num_key_value_heads": k, "intermediate_size": n}`` per decoder
 layer. The model is the family's stock class with each layer's projections resized, so the
-forward pass, generation and KV cache are transformers' own code.
+forward pass, generation and KV cache are transformers' own code, in 5.x as in 4.x (from 4.38).
 
 Example:
     >>> from transformers import AutoModelForCausalLM
@@ -54,6 +54,17 @@ def apply_layer_shapes(model: nn.Module) -> None:
         mlp.gate_proj = _resized(mlp.gate_proj, hidden, channels)
         mlp.up_proj = _resized(mlp.up_proj, hidden, channels)
         mlp.down_proj = _resized(mlp.down_proj, channels, hidden)
+        # hidden_size: the attention's own width, by which transformers < 4.43 reshapes its output
+        _set_counts(attn, num_heads=q_width // head_dim, num_key_value_heads=kv_width // head_dim, hidden_size=q_width)
+        _set_counts(mlp, intermediate_size=channels)
+
+
+def _set_counts(module: nn.Module, **counts: int) -> None:
+    """Per-layer counts on the modules that keep them: transformers < 4.48 reshapes the attention by
+    these attributes (later versions infer the counts from the tensors and have no such attributes)."""
+    for name, value in counts.items():
+        if isinstance(getattr(module, name, None), int):
+            setattr(module, name, value)
 
 
 class DMSLlamaForCausalLM(LlamaForCausalLM):

@@ -81,6 +81,7 @@ def test_model_card_renders_with_real_numbers(checkpoint):
     # the search as it ran: the defaults resolved to lora mode distilled from the dense model
     assert "40 search steps, lora mode (LoRA adapters trained" in card and "cross-entropy + KL" in card
     assert "trust_remote_code=True" in card
+    assert "Loads with transformers 4.38 or later, 5.x included." in card  # eval/results/compat.md
     assert "dms-llm prune stories260K --ratio 0.3" in card
     assert "![kept heads and channels per layer](architecture.png)" in card
 
