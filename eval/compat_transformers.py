@@ -9,7 +9,8 @@ dms-llm), made once under ``--work-dir``. The checkpoints are written by the rea
 RoPE), Mistral (sliding window) and Qwen2 (biases) models whose config.json has the 4.x form the
 Hub ships. Each version loads each checkpoint (``trust_remote_code=True``) and computes the
 logits of 64 tokens and a greedy 8-token continuation; a cell says "same" when the logits are
-within 1e-5 of transformers 5's and the continuation is identical.
+within 1e-5 of transformers 5's and the continuation is identical. mlx-lm (MLX's CPU build runs
+on Linux) gets the same checkpoints in its own environment: what a Mac laptop user loads them with.
 
 The model card states, per checkpoint, the oldest version to use
 (``dms_llm.config_compat.oldest_transformers``); this script fails when any version from that one
@@ -36,6 +37,7 @@ STORIES = SHARED / "models" / "stories260K"
 TEXT = SHARED / "text" / "tinystories" / "validation_a.txt"
 CLIENT = Path(__file__).with_name("transformers_client.py")
 VERSIONS = ("4.38.2", "4.43.4", "4.45.2", "4.46.3", "4.48.3", "4.57.1")
+MLX, MLX_LM = "0.32.4", "0.32.2"
 LLAMA3_ROPE = {
     "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
     "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
@@ -107,13 +109,32 @@ def checkpoints(work: Path) -> dict[str, Path]:
     return made
 
 
-def environment(work: Path, version: str) -> Path:
-    python = work / f"transformers-{version}" / "bin" / "python"
+def environment(work: Path, name: str, packages: list[str]) -> Path:
+    """A virtual environment under ``work`` with only ``packages`` (made once)."""
+    python = work / name / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(python.parents[1])], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"torch=={torch.__version__.split('+')[0]}",
-                        f"transformers=={version}"], check=True)  # fmt: skip
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages], check=True)
     return python
+
+
+def transformers_environment(work: Path, version: str) -> Path:
+    torch_version = torch.__version__.split("+")[0]
+    return environment(work, f"transformers-{version}", [f"torch=={torch_version}", f"transformers=={version}"])
+
+
+def mlx_outputs(work: Path, folders: list[Path], tokens: torch.Tensor) -> dict:
+    """mlx-lm's logits (its CPU build), as a Mac laptop user would load the checkpoints."""
+    python = environment(work, f"mlx-lm-{MLX_LM}", [f"mlx[cpu]=={MLX}", f"mlx-lm=={MLX_LM}"])
+    out = work / "mlx.json"
+    subprocess.run([str(python), str(CLIENT.with_name("mlx_client.py")), str(out), json.dumps(tokens.tolist()),
+                    *map(str, folders)], check=True, cwd=work, stderr=subprocess.DEVNULL)  # fmt: skip
+    report = json.loads(out.read_text())
+    results = {
+        folder: {"logits": torch.tensor(got["logits"])} if "logits" in got else got
+        for folder, got in report["results"].items()
+    }
+    return {"version": report["version"], "results": results}
 
 
 def outputs(python: Path, folders: list[Path], tokens: torch.Tensor, work: Path) -> dict:
@@ -133,11 +154,12 @@ def describe(config: dict) -> dict:
             "oldest on the card": oldest_transformers(config)}  # fmt: skip
 
 
-def cell(result: dict, reference: dict) -> str:
+def cell(result: dict, reference: dict, atol: float = 1e-5) -> str:
     if "error" in result:
         return f"refused ({result['error'].split(':')[0]})"
     difference = (result["logits"] - reference["logits"]).abs().max().item()
-    if difference <= 1e-5 and torch.equal(result["generated"], reference["generated"]):
+    same_continuation = "generated" not in result or torch.equal(result["generated"], reference["generated"])
+    if difference <= atol and same_continuation:
         return "same"
     return f"differs ({difference:.3f})"
 
@@ -145,6 +167,7 @@ def cell(result: dict, reference: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--versions", default=",".join(VERSIONS))
+    parser.add_argument("--no-mlx", action="store_true", help="skip the mlx-lm column")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/dms-llm-compat"))
     parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "compat")
     args = parser.parse_args()
@@ -160,10 +183,16 @@ def main() -> None:
     rows = {name: describe(json.loads((folder / "config.json").read_text())) for name, folder in made.items()}
     versions = args.versions.split(",")
     for version in versions:
-        got = outputs(environment(args.work_dir, version), list(made.values()), tokens, args.work_dir)
+        got = outputs(transformers_environment(args.work_dir, version), list(made.values()), tokens, args.work_dir)
         print(f"transformers {got['version']}", file=sys.stderr, flush=True)
         for name, folder in made.items():
             rows[name][version] = cell(got["results"][str(folder)], reference[name])
+    columns = list(versions)
+    if not args.no_mlx:  # another framework's float kernels: logits agree to 1e-4, not 1e-5
+        got = mlx_outputs(args.work_dir, list(made.values()), tokens)
+        columns.append(f"mlx-lm {got['version']}")
+        for name, folder in made.items():
+            rows[name][columns[-1]] = cell(got["results"][str(folder)], reference[name], atol=1e-4)
     broken = [
         f"{name} in {version}"
         for name, row in rows.items()
@@ -172,13 +201,17 @@ def main() -> None:
         if _key(version) >= _key(row["oldest on the card"]) and row[version] != "same"
     ]
     machine = f"{platform.machine()} CPU, torch {torch.__version__}, reference transformers {transformers.__version__}"
-    header = ["checkpoint", "KV heads per layer", "oldest on the card", *versions]
+    header = ["checkpoint", "KV heads per layer", "oldest on the card", *columns]
     lines = [
         f"Pruned checkpoints loaded with `from_pretrained(..., trust_remote_code=True)` in each transformers "
         f"version's own environment (no dms-llm), against transformers {transformers.__version__}: 'same' = "
         "logits within 1e-5 and the same greedy continuation; 'differs (x)': the largest logit difference. "
         "Checkpoints written by `dms-llm prune` (heads and channels pruned); the random models' config.json "
-        "has the 4.x form the Hub ships.",
+        "has the 4.x form the Hub ships. Last column: mlx-lm (Apple's MLX; its CPU build, on this machine) "
+        "loading each folder with its own model code, logits within 1e-4 (another framework's kernels); it has "
+        "no per-layer shapes (the per-layer layout is for transformers and llama.cpp), reads no head_dim for Qwen2 "
+        "and ignores Mistral's sliding window, its dense model's too (here 32 tokens of the 64; in Mistral-7B-v0.1 "
+        "4,096).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
