@@ -98,14 +98,15 @@ def checkpoints(work: Path) -> dict[str, Path]:
         for layout in ("per_layer", "uniform"):
             extra = ["--ratio", "0.35"]
             made[f"{family} {layout}"] = prune(base, work / f"{family}-{layout}", layout, extra)
-    before = work / "llama3-per_layer-5x-keys-only"  # the defect this guards against
-    if not before.exists():
-        shutil.copytree(made["llama3 per_layer"], before)
-        config = json.loads((before / "config.json").read_text())
-        for key in ("rope_theta", "rope_scaling", "torch_dtype"):
-            config.pop(key)
-        (before / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    made["llama3 per_layer, config.json as transformers 5 alone writes it"] = before
+    for layout in ("per_layer", "uniform"):  # the defect this guards against
+        before = work / f"llama3-{layout}-5x-keys-only"
+        if not before.exists():
+            shutil.copytree(made[f"llama3 {layout}"], before)
+            config = json.loads((before / "config.json").read_text())
+            for key in ("rope_theta", "rope_scaling", "torch_dtype"):
+                config.pop(key)
+            (before / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        made[f"llama3 {layout}, config.json as transformers 5 alone writes it"] = before
     return made
 
 
