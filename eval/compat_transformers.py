@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -69,15 +70,16 @@ def hub_style_model(family: str, folder: Path) -> Path:
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(STORIES).save_pretrained(folder)
     add_legacy_keys(folder)
-    without_5x_keys(folder / "config.json")
+    drop_config_keys(folder, ("rope_parameters", "dtype"))
     return folder
 
 
-def without_5x_keys(path: Path) -> None:
-    config = json.loads(path.read_text())
-    for key in ("rope_parameters", "dtype"):
+def drop_config_keys(folder: Path, keys: tuple[str, ...]) -> None:
+    """Remove ``keys`` from ``folder/config.json``: one version's spelling of the RoPE settings."""
+    config = json.loads((folder / "config.json").read_text())
+    for key in keys:
         config.pop(key, None)
-    path.write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def prune(model: Path, out: Path, layout: str, extra: list[str]) -> Path:
@@ -102,10 +104,7 @@ def checkpoints(work: Path) -> dict[str, Path]:
         before = work / f"llama3-{layout}-5x-keys-only"
         if not before.exists():
             shutil.copytree(made[f"llama3 {layout}"], before)
-            config = json.loads((before / "config.json").read_text())
-            for key in ("rope_theta", "rope_scaling", "torch_dtype"):
-                config.pop(key)
-            (before / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            drop_config_keys(before, ("rope_theta", "rope_scaling", "torch_dtype"))
         made[f"llama3 {layout}, config.json as transformers 5 alone writes it"] = before
     return made
 
@@ -199,7 +198,7 @@ def main() -> None:
         for name, row in rows.items()
         if "alone writes" not in name
         for version in versions
-        if _key(version) >= _key(row["oldest on the card"]) and row[version] != "same"
+        if Version(version) >= Version(row["oldest on the card"]) and row[version] != "same"
     ]
     machine = f"{platform.machine()} CPU, torch {torch.__version__}, reference transformers {transformers.__version__}"
     header = ["checkpoint", "KV heads per layer", "oldest on the card", *columns]
@@ -226,10 +225,6 @@ def main() -> None:
     print("\n".join(lines))
     if broken:
         sys.exit("the model card's oldest version is wrong for: " + "; ".join(broken))
-
-
-def _key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split(".")[:2])
 
 
 if __name__ == "__main__":

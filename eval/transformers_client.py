@@ -11,13 +11,14 @@ import sys
 
 import torch
 import transformers
+from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
 
 def run(folder: str, tokens: torch.Tensor) -> dict:
     try:
         # the argument's name changed in 4.56 (``dtype``); 5.x no longer takes the old one
-        newer = tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (4, 56)
+        newer = Version(transformers.__version__) >= Version("4.56")
         dtype = {"dtype" if newer else "torch_dtype": torch.float32}
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **dtype)
         model.eval()
