@@ -275,6 +275,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     )
     from .disk_space import check_room
     from .output_lock import claim_output
+    from .recover import adapter_bytes, recover, recovery_teacher
     from .tokenizer_files import tokenizer_files_bytes
 
     if args.quiet:  # transformers' own bars too (loading, "Writing model shards"), as prune --quiet
@@ -299,10 +300,14 @@ def cmd_recover(args: argparse.Namespace) -> int:
     config.validate()
     source = Path(args.model).expanduser()
     output = check_output_dir(args.output_dir or f"{str(source).rstrip('/')}-lora", args.overwrite)
-    params = sum(p.numel() for p in empty_model(load_config(args.model)).parameters())
+    skeleton = empty_model(load_config(args.model))
     element = resolve_dtype(args.dtype, resolve_device(args.device)).itemsize
-    needed = params * element + tokenizer_files_bytes(args.model)
-    check_room(output, needed, "the recovered checkpoint")  # before the dense teacher and the training
+    needed = sum(p.numel() for p in skeleton.parameters()) * element + tokenizer_files_bytes(args.model)
+    what = "the recovered checkpoint"
+    if config.save_every:  # every adapter checkpoint is kept beside the output
+        needed += config.steps // config.save_every * adapter_bytes(skeleton, config)
+        what += " and its adapter checkpoints"
+    check_room(output, needed, what)  # before the dense teacher and the training
     _check_text_source(config.data)
     report_path = source / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
@@ -311,8 +316,6 @@ def cmd_recover(args: argparse.Namespace) -> int:
         raise DMSError("--distill needs the dense model: pass --teacher (no report.json names it)")
     if args.distill:
         load_config(teacher_name)
-
-    from .recover import recover, recovery_teacher
 
     data = teacher = None
     if args.distill:  # the dense model's targets first, then it is freed: never two models in memory

@@ -53,6 +53,25 @@ def attach_lora(model: nn.Module, config: RecoverConfig) -> nn.Module:
         return peft.get_peft_model(model, lora)
 
 
+def adapter_bytes(model: nn.Module, config: RecoverConfig) -> int:
+    """Bytes of one saved adapter checkpoint: ``r x (in + out)`` values per targeted projection.
+
+    peft keeps (and saves) adapters in float32 even on a bfloat16 model. ``model`` may live on the
+    meta device: only the projections' shapes are read.
+
+    Example:
+        >>> adapter_bytes(empty_model(load_config("stories260K")), RecoverConfig())  # doctest: +SKIP
+        193536
+    """
+    targets = set(config.target_modules)
+    values = sum(
+        config.lora_r * (module.in_features + module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    )
+    return values * torch.finfo(torch.float32).bits // 8
+
+
 def merge_lora(peft_model: nn.Module) -> nn.Module:
     """Fold the adapters into the weights and return the plain transformers model."""
     merged = peft_model.merge_and_unload()

@@ -22,9 +22,13 @@ from safetensors import SafetensorError
 import dms_llm.checkpoint
 import dms_llm.disk_space
 from dms_llm import PruneConfig, prune
+from dms_llm.checkpoint import empty_model, load_config
 from dms_llm.cli import main
+from dms_llm.config import RecoverConfig
 from dms_llm.disk_space import MARGIN, DiskFullError, disk_error_code, disk_errors
 from dms_llm.plan import prune_plan
+from dms_llm.recover import adapter_bytes
+from dms_llm.tokenizer_files import tokenizer_files_bytes
 
 QUICK = ["--quiet", "--no-eval", "search.steps=4", "search.save_every=2", "data.num_blocks=64"]
 
@@ -161,6 +165,23 @@ def test_recover_and_export_refuse_before_working_when_their_output_cannot_fit(t
     assert main(["export", str(STORIES), "-o", "model.gguf", "--outtype", "f32"]) == 2
     assert "writing the f32 GGUF file takes about" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_recover_counts_the_adapter_checkpoints_it_keeps(tmp_path, monkeypatch, capsys):
+    require_shared()
+    monkeypatch.chdir(tmp_path)
+    skeleton = empty_model(load_config(str(STORIES)))
+    one_adapter = adapter_bytes(skeleton, RecoverConfig())
+    output = sum(p.numel() for p in skeleton.parameters()) * 4 + tokenizer_files_bytes(str(STORIES))
+    _report_free(monkeypatch, output + MARGIN + one_adapter)  # the checkpoint and one adapter fit, not two
+    args = ["recover", str(STORIES), "-o", "out", "--data", str(TINYSTORIES), "--quiet", "--steps", "4"]
+    assert main([*args, "--save-every", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "writing the recovered checkpoint and its adapter checkpoints takes about" in error, error
+    assert list(tmp_path.iterdir()) == []
+    assert main([*args, "--save-every", "4"]) == 0  # one adapter checkpoint: it fits, and is that size
+    written = (tmp_path / "out-checkpoints" / "step-4" / "adapter_model.safetensors").stat().st_size
+    assert one_adapter <= written <= one_adapter + 64 * 1024, (written, one_adapter)
 
 
 def test_the_errors_that_mean_no_room_and_only_those():
