@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .cli_prune import _check_text_source, _prune_config, cmd_prune  # noqa: F401 (_prune_config: tests)
+from .cli_recover import cmd_recover
 from .config import METHODS, PruneConfig, RecoverConfig
 from .errors import DMSError
 
@@ -166,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--teacher", help="dense teacher (default: the base model named in report.json)")
     recover.add_argument("--gradient-checkpointing", action="store_true", help="save activation memory")
     recover.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
-    recover.add_argument("--save-every", type=int, default=0, help="adapter checkpoint every N steps")
+    recover.add_argument(
+        "--save-every", type=int, default=0, help="a resumable adapter checkpoint every N steps (OUTPUT-checkpoints)"
+    )
+    recover.add_argument("--resume", action="store_true", help="continue from the last adapter checkpoint")
     recover.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     recover.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     recover.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -258,83 +262,6 @@ def cmd_push(args: argparse.Namespace) -> int:
         license=args.license,
     )
     print(f"uploaded {args.model} to {args.repo_id}: {url}")
-    return 0
-
-
-def cmd_recover(args: argparse.Namespace) -> int:
-    import json
-
-    from .checkpoint import (
-        check_output_dir,
-        empty_model,
-        load_config,
-        load_model,
-        resolve_device,
-        resolve_dtype,
-        save_pruned,
-    )
-    from .disk_space import check_room
-    from .output_lock import claim_output
-    from .recover import adapter_bytes, recover, recovery_teacher
-    from .tokenizer_files import tokenizer_files_bytes
-
-    if args.quiet:  # transformers' own bars too (loading, "Writing model shards"), as prune --quiet
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-
-    config = RecoverConfig(
-        method="lora",
-        data=args.data,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        lr=args.lr,
-        lora_r=args.lora_r,
-        lora_alpha=2 * args.lora_r,
-        distill=args.distill,
-        gradient_checkpointing=args.gradient_checkpointing,
-        bf16=args.bf16,
-        save_every=args.save_every,
-    )
-    config.validate()
-    source = Path(args.model).expanduser()
-    output = check_output_dir(args.output_dir or f"{str(source).rstrip('/')}-lora", args.overwrite)
-    skeleton = empty_model(load_config(args.model))
-    element = resolve_dtype(args.dtype, resolve_device(args.device)).itemsize
-    needed = sum(p.numel() for p in skeleton.parameters()) * element + tokenizer_files_bytes(args.model)
-    what = "the recovered checkpoint"
-    if config.save_every:  # every adapter checkpoint is kept beside the output
-        needed += config.steps // config.save_every * adapter_bytes(skeleton, config)
-        what += " and its adapter checkpoints"
-    check_room(output, needed, what)  # before the dense teacher and the training
-    _check_text_source(config.data)
-    report_path = source / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    teacher_name = args.teacher or report.get("model")
-    if args.distill and not teacher_name:
-        raise DMSError("--distill needs the dense model: pass --teacher (no report.json names it)")
-    if args.distill:
-        load_config(teacher_name)
-
-    data = teacher = None
-    if args.distill:  # the dense model's targets first, then it is freed: never two models in memory
-        dense, dense_tokenizer = load_model(teacher_name, args.dtype, args.device, args.device_map)
-        data, teacher = recovery_teacher(dense, dense_tokenizer, config, args.seed)
-        del dense
-    with claim_output(output):  # one run at a time into this folder
-        model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map)
-        checkpoints = output.with_name(f"{output.name}-checkpoints") if args.save_every else None
-        model, info = recover(model, tokenizer, config, teacher, args.seed, not args.quiet, checkpoints, data)
-        report["recovery"] = info
-        save_pruned(model, tokenizer, output, report=report, overwrite=args.overwrite)
-    before, after = info["heldout_before"], info["heldout_after"]
-    if before is not None:
-        print(
-            f"held-out perplexity of the recovery data ({Path(str(config.data)).name}, seq {config.seq_len}): "
-            f"{before:.3f} -> {after:.3f}"
-        )
-    print(f"saved to {output}")
     return 0
 
 

@@ -250,6 +250,11 @@ class PruneConfig:
         self.search.validate()
         self.eval.validate()
         self.recover.validate()
+        _check(  # the recovery inside prune keeps no checkpoints: a silently ignored setting would mislead
+            not self.recover.save_every,
+            "recover.save_every applies to `dms-llm recover` only: prune's recovery keeps no adapter checkpoints; "
+            "prune without --recover, then run `dms-llm recover OUTPUT --save-every N` (it resumes with --resume)",
+        )
         return self
 
     @classmethod

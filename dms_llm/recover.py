@@ -17,8 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -31,10 +31,10 @@ from .activation_checkpointing import set_activation_checkpointing
 from .checkpoint import files_follow_umask
 from .config import DataConfig, RecoverConfig
 from .data import CalibrationData, calibration_blocks
-from .disk_space import disk_errors
 from .errors import DMSError
 from .evaluate import perplexity
 from .losses import TeacherTargets, causal_lm_loss, teacher_targets
+from .recover_state import latest_checkpoint, restore_checkpoint, save_checkpoint
 from .search_adapters import require_peft
 
 
@@ -51,25 +51,6 @@ def attach_lora(model: nn.Module, config: RecoverConfig) -> nn.Module:
     with warnings.catch_warnings():  # peft 0.21 reads a property transformers 5 deprecates: not the user's to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return peft.get_peft_model(model, lora)
-
-
-def adapter_bytes(model: nn.Module, config: RecoverConfig) -> int:
-    """Bytes of one saved adapter checkpoint: ``r x (in + out)`` values per targeted projection.
-
-    peft keeps (and saves) adapters in float32 even on a bfloat16 model. ``model`` may live on the
-    meta device: only the projections' shapes are read.
-
-    Example:
-        >>> adapter_bytes(empty_model(load_config("stories260K")), RecoverConfig())  # doctest: +SKIP
-        193536
-    """
-    targets = set(config.target_modules)
-    values = sum(
-        config.lora_r * (module.in_features + module.out_features)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
-    )
-    return values * torch.finfo(torch.float32).bits // 8
 
 
 def merge_lora(peft_model: nn.Module) -> nn.Module:
@@ -108,8 +89,14 @@ def train_lora(
     seed: int = 0,
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> list[dict]:
-    """Train the adapters for ``config.steps``; returns the per-step history."""
+    """Train the adapters for ``config.steps``; returns the per-step history.
+
+    Every ``config.save_every`` steps a resumable adapter checkpoint goes to
+    ``checkpoint_dir/step-N`` (``recover_state``); with ``resume`` the training continues from the
+    latest one there and ends with the adapters an uninterrupted run ends with.
+    """
     from transformers import get_cosine_schedule_with_warmup
 
     torch.manual_seed(seed)
@@ -125,8 +112,21 @@ def train_lora(
     epochs = math.ceil(config.steps * config.batch_size / blocks.shape[0])
     order = torch.cat([torch.randperm(blocks.shape[0], generator=generator) for _ in range(epochs)])
     use_bf16 = config.bf16 and device.type == "cuda"
-    history = []
-    bar = tqdm(range(config.steps), desc="LoRA recovery", disable=not progress)
+    # what a checkpoint must agree on to continue this run (save_every may change between runs)
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "save_every"}
+    adapter_params = sum(p.numel() for p in trainable)
+    fingerprint = {**settings, "seed": seed, "blocks": list(blocks.shape), "adapter_params": adapter_params}
+    first, history = 0, []
+    if resume:
+        latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+        if latest is None:
+            raise DMSError(
+                f"--resume: no adapter checkpoint in {str(checkpoint_dir)!r} to continue from; run without --resume "
+                "(with --save-every N, a run keeps checkpoints there to resume from)"
+            )
+        first, history = restore_checkpoint(latest, peft_model, optimizer, schedule, fingerprint)
+    steps = range(first, config.steps)
+    bar = tqdm(steps, initial=first, total=config.steps, desc="LoRA recovery", disable=not progress)
     kd_weight = config.distill_weight if teacher is not None else 0.0
     model = peft_model.get_base_model()  # the causal LM with the adapters inside its projections
     for step in bar:
@@ -146,14 +146,7 @@ def train_lora(
         bar.set_postfix({k: v for k, v in record.items() if k != "step"})
         if checkpoint_dir and config.save_every and (step + 1) % config.save_every == 0:
             saved = Path(checkpoint_dir) / f"step-{step + 1}"
-            try:
-                with disk_errors(saved, "the adapter checkpoint"):
-                    peft_model.save_pretrained(saved)  # adapter safetensors
-            except BaseException:
-                shutil.rmtree(saved, ignore_errors=True)  # no half-written adapter beside the good ones
-                if not any(saved.parent.iterdir()):
-                    saved.parent.rmdir()  # nor an empty checkpoints folder
-                raise
+            save_checkpoint(saved, peft_model, optimizer, schedule, step + 1, history, fingerprint)
             files_follow_umask(saved)
     if config.gradient_checkpointing:
         set_activation_checkpointing(peft_model, False)
@@ -170,11 +163,12 @@ def recover(
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     data: CalibrationData | None = None,
+    resume: bool = False,
 ) -> tuple[nn.Module, dict]:
     """LoRA-recover ``model`` and merge; returns (plain model, info with held-out perplexities).
 
     With ``config.distill``, ``teacher`` holds the dense model's targets on ``data.calib`` (see
-    ``recovery_teacher``).
+    ``recovery_teacher``). ``checkpoint_dir`` and ``resume``: see ``train_lora``.
     """
     if config.distill and teacher is None:
         raise DMSError("distillation needs the dense teacher model (--teacher, or the base model in report.json)")
@@ -188,7 +182,7 @@ def recover(
     peft_model = attach_lora(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     history = train_lora(
-        peft_model, data.calib, config, teacher if config.distill else None, seed, progress, checkpoint_dir
+        peft_model, data.calib, config, teacher if config.distill else None, seed, progress, checkpoint_dir, resume
     )
     merged = merge_lora(peft_model)
     info = {

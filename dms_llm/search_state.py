@@ -26,7 +26,8 @@ TENSORS = "state.safetensors"
 META = "state.json"
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+    """An optimizer's state as (tensors named ``prefix.INDEX.NAME``, JSON-able rest): no pickle."""
     state = optimizer.state_dict()
     tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
     for index, values in state["state"].items():
@@ -38,7 +39,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[d
     return tensors, meta
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict, prefix: str) -> None:
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict, prefix: str) -> None:
+    """Load what ``optimizer_tensors`` wrote back into ``optimizer``."""
     state = {
         int(index): {name: tensors[f"{prefix}.{index}.{name}"] for name in names}
         for index, names in meta["state"].items()
@@ -80,8 +82,8 @@ def _write_state(staging: Path, step: int, masks, optimizers: dict, meta: dict, 
     tensors["rng.torch"] = torch.get_rng_state()
     optimizer_meta = {}
     for name, optimizer in optimizers.items():
-        optimizer_tensors, optimizer_meta[name] = _optimizer_tensors(optimizer, f"optim.{name}")
-        tensors.update(optimizer_tensors)
+        moments, optimizer_meta[name] = optimizer_tensors(optimizer, f"optim.{name}")
+        tensors.update(moments)
     seen = set()
     for name, value in (weights or {}).items():
         if value.data_ptr() in seen:  # tied weights (embeddings / lm_head) are stored once
@@ -120,7 +122,7 @@ def restore_state(
     mask_state["layer_scores_external"] = mask_state["layer_scores_external"].bool()
     masks.load_state_dict(mask_state)
     for name, optimizer in optimizers.items():
-        _restore_optimizer(optimizer, tensors, meta["optimizers"][name], f"optim.{name}")
+        restore_optimizer(optimizer, tensors, meta["optimizers"][name], f"optim.{name}")
     torch.set_rng_state(tensors["rng.torch"].to(torch.uint8))
     return int(meta["step"])
 

@@ -27,7 +27,7 @@ from dms_llm.cli import main
 from dms_llm.config import RecoverConfig
 from dms_llm.disk_space import MARGIN, DiskFullError, disk_error_code, disk_errors
 from dms_llm.plan import prune_plan
-from dms_llm.recover import adapter_bytes
+from dms_llm.recover_state import checkpoint_bytes
 from dms_llm.tokenizer_files import tokenizer_files_bytes
 
 QUICK = ["--quiet", "--no-eval", "search.steps=4", "search.save_every=2", "data.num_blocks=64"]
@@ -171,17 +171,17 @@ def test_recover_counts_the_adapter_checkpoints_it_keeps(tmp_path, monkeypatch, 
     require_shared()
     monkeypatch.chdir(tmp_path)
     skeleton = empty_model(load_config(str(STORIES)))
-    one_adapter = adapter_bytes(skeleton, RecoverConfig())
+    one_checkpoint = checkpoint_bytes(skeleton, RecoverConfig())  # the adapter and its optimizer state
     output = sum(p.numel() for p in skeleton.parameters()) * 4 + tokenizer_files_bytes(str(STORIES))
-    _report_free(monkeypatch, output + MARGIN + one_adapter)  # the checkpoint and one adapter fit, not two
+    _report_free(monkeypatch, output + MARGIN + one_checkpoint)  # the model and one checkpoint fit, not two
     args = ["recover", str(STORIES), "-o", "out", "--data", str(TINYSTORIES), "--quiet", "--steps", "4"]
     assert main([*args, "--save-every", "2"]) == 2
     error = capsys.readouterr().err
     assert "writing the recovered checkpoint and its adapter checkpoints takes about" in error, error
     assert list(tmp_path.iterdir()) == []
-    assert main([*args, "--save-every", "4"]) == 0  # one adapter checkpoint: it fits, and is that size
-    written = (tmp_path / "out-checkpoints" / "step-4" / "adapter_model.safetensors").stat().st_size
-    assert one_adapter <= written <= one_adapter + 64 * 1024, (written, one_adapter)
+    assert main([*args, "--save-every", "4"]) == 0  # one checkpoint: it fits, and is that size
+    written = sum(file.stat().st_size for file in (tmp_path / "out-checkpoints" / "step-4").iterdir())
+    assert one_checkpoint <= written <= one_checkpoint + 64 * 1024, (written, one_checkpoint)
 
 
 def test_the_errors_that_mean_no_room_and_only_those():

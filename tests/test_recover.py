@@ -7,11 +7,15 @@ import warnings
 import pytest
 import torch
 from conftest import STORIES, TINYSTORIES, require_shared
+from peft import PeftModel
+from safetensors.torch import load_file
 from test_cli import dms_llm
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+import dms_llm.recover as recover_module
 from dms_llm import PruneConfig, prune
 from dms_llm.checkpoint import load_pruned, save_pruned
+from dms_llm.cli import main
 from dms_llm.config import RecoverConfig
 from dms_llm.losses import TeacherTargets, causal_lm_loss, teacher_targets
 from dms_llm.recover import attach_lora, merge_lora, recover, recovery_data, recovery_teacher, train_lora
@@ -222,3 +226,47 @@ def test_recover_command_distils_from_the_model_named_in_the_report(tmp_path, st
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):  # carried through prune and recover
         assert (out / name).read_bytes() == (STORIES / name).read_bytes(), name
     assert (out / "modeling_dms_pruned.py").exists() == (source / "modeling_dms_pruned.py").exists()
+
+
+def test_an_interrupted_recovery_resumes_to_the_same_model(tmp_path, monkeypatch, capsys):
+    require_shared()
+    monkeypatch.chdir(tmp_path)
+    args = ["recover", str(STORIES), "--data", str(TINYSTORIES), "--steps", "6", "--save-every", "2", "--quiet",
+            "--distill", "--teacher", str(STORIES)]  # fmt: skip
+    assert main([*args, "-o", "whole"]) == 0
+    capsys.readouterr()
+
+    calls, real_loss = [], recover_module.causal_lm_loss
+
+    def interrupted_at_step_5(*a, **k):  # Ctrl-C after the step-4 checkpoint was written
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(recover_module, "causal_lm_loss", interrupted_at_step_5)
+    assert main([*args, "-o", "cut"]) == 130
+    assert "--resume continues from the last checkpoint in cut-checkpoints" in capsys.readouterr().err
+    assert not (tmp_path / "cut").exists()
+    assert sorted(p.name for p in (tmp_path / "cut-checkpoints").iterdir()) == ["step-2", "step-4"]
+    monkeypatch.setattr(recover_module, "causal_lm_loss", real_loss)
+
+    # a checkpoint is a plain peft adapter too
+    base = AutoModelForCausalLM.from_pretrained(STORIES)
+    adapted = PeftModel.from_pretrained(base, tmp_path / "cut-checkpoints" / "step-4")
+    assert any("lora_A" in name for name, _ in adapted.named_parameters())
+
+    assert main([*args, "-o", "cut", "--resume", "--lr", "1e-3"]) == 2  # other settings: refused, by name
+    assert "different settings (lr)" in capsys.readouterr().err
+    assert main([*args, "-o", "elsewhere", "--resume"]) == 2
+    assert "'elsewhere-checkpoints' holds no adapter checkpoint to continue from" in capsys.readouterr().err
+
+    assert main([*args, "-o", "cut", "--resume"]) == 0  # steps 4 and 5, from step-4's state
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    resumed = load_file(tmp_path / "cut" / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    history = json.loads((tmp_path / "cut" / "report.json").read_text())["recovery"]["history"]
+    assert [record["step"] for record in history] == list(range(6))
+    assert history == json.loads((tmp_path / "whole" / "report.json").read_text())["recovery"]["history"]
