@@ -17,6 +17,7 @@ from .cli_prune import _check_text_source, _prune_config, cmd_prune  # noqa: F40
 from .cli_recover import cmd_recover
 from .config import METHODS, PruneConfig, RecoverConfig
 from .errors import DMSError
+from .launch import launched_ranks
 
 DTYPE_HELP = "auto (default: bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16"
 DEVICE_HELP = "auto (default: a GPU if there is one), cpu, cuda, cuda:N"
@@ -293,6 +294,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+SPREAD = "--device-map auto spreads a model too big for one GPU over all of this machine's GPUs"
+# the verbs a launcher's ranks must not each run (only prune splits its work over ranks)
+SINGLE_PROCESS_VERBS = {
+    cmd_eval: SPREAD,
+    cmd_recover: SPREAD,
+    cmd_export: "it reads the checkpoint tensor by tensor, on the CPU",
+    cmd_push: "one upload",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -303,6 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)
     args.argv = argv
+    rank, world = launched_ranks()
+    if world > 1 and args.func in SINGLE_PROCESS_VERBS:
+        # every rank would run the whole job and race for the same output (torchrun then stops the
+        # rest as soon as one fails): refuse on all ranks, say it once
+        if rank == 0:
+            verb, why = argv[0], SINGLE_PROCESS_VERBS[args.func]
+            print(
+                f"dms-llm: error: `dms-llm {verb}` runs in one process, but it was launched as {world} "
+                f"(torchrun / accelerate launch); run `dms-llm {verb} ...` directly ({why})",
+                file=sys.stderr,
+            )
+        return 2
     try:
         return args.func(args)
     except DMSError as error:

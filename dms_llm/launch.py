@@ -52,6 +52,11 @@ def check_distributed(accelerator, sharded: bool = False) -> None:
         )
 
 
+def launched_ranks() -> tuple[int, int]:
+    """(this process's rank, number of ranks) that torchrun or ``accelerate launch`` started; (0, 1) alone."""
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def requested_cpu_processes() -> int:
     """N when this process was started by ``accelerate launch --cpu --num_processes N`` (N > 1), else 1."""
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or "WORLD_SIZE" in os.environ:

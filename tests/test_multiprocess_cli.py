@@ -319,3 +319,24 @@ def test_main_rank_gathers_only_the_kept_layers_each_sliced_before_the_next(tmp_
     configs = main["config"]
     for key in ("num_hidden_layers", "dms_layer_shapes", "auto_map", "num_key_value_heads", "intermediate_size"):
         assert configs["gathered"].get(key) == configs["sliced"].get(key), key
+
+
+SINGLE_PROCESS = {  # verb -> its arguments (each would write "out" or "out.gguf")
+    "recover": ["recover", str(STORIES), "--data", str(TINYSTORIES), "--steps", "4", "-o", "out", "--quiet"],
+    "eval": ["eval", str(STORIES), "--ppl", str(TINYSTORIES), "--output", "out.json"],
+    "export": ["export", str(STORIES), "-o", "out.gguf", "--outtype", "f32"],
+}
+
+
+@pytest.mark.parametrize("verb", sorted(SINGLE_PROCESS))
+def test_verbs_that_run_in_one_process_refuse_launched_ranks_with_one_line(tmp_path, verb):
+    # before, each rank ran the whole job and raced for the output: recover's second rank failed with
+    # "another dms-llm run is writing 'out'", torchrun stopped the first, and nothing was written
+    require_shared()
+    done = _run([*LAUNCHERS["torchrun"](), *SINGLE_PROCESS[verb]], tmp_path)
+    assert done.returncode != 0
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("dms-llm: error:")]
+    assert len(errors) == 1, done.stderr[-3000:]  # said once, by rank 0
+    assert errors[0].startswith(f"dms-llm: error: `dms-llm {verb}` runs in one process, but it was launched as 2")
+    assert "dms_llm/" not in done.stderr  # no traceback from inside dms-llm (torchrun prints its own)
+    assert list(tmp_path.iterdir()) == []
