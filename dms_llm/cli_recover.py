@@ -54,7 +54,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from .disk_space import check_room
     from .output_lock import claim_output
     from .recover import recover, recovery_teacher
-    from .recover_state import checkpoint_bytes, latest_checkpoint
+    from .recover_state import checkpoint_bytes, latest_checkpoint, require_checkpoint
     from .tokenizer_files import tokenizer_files_bytes
 
     if args.quiet:  # transformers' own bars too (loading, "Writing model shards"), as prune --quiet
@@ -66,12 +66,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     source = Path(args.model).expanduser()
     output = check_output_dir(args.output_dir or f"{str(source).rstrip('/')}-lora", args.overwrite)
     checkpoints = output.with_name(f"{output.name}-checkpoints")
-    latest = latest_checkpoint(checkpoints)
-    if args.resume and latest is None:
-        raise DMSError(
-            f"--resume: {str(checkpoints)!r} holds no adapter checkpoint to continue from; run without --resume "
-            "(with --save-every N a run keeps checkpoints there)"
-        )
+    latest = require_checkpoint(checkpoints) if args.resume else latest_checkpoint(checkpoints)  # before any weights
     skeleton = empty_model(load_config(args.model))
     element = resolve_dtype(args.dtype, resolve_device(args.device)).itemsize
     needed = sum(p.numel() for p in skeleton.parameters()) * element + tokenizer_files_bytes(args.model)

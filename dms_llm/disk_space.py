@@ -146,3 +146,31 @@ def disk_errors(path: str | os.PathLike, what: str) -> Iterator[None]:
         )
         where = f"could not write {what} to {str(path)!r}: {os.strerror(code)}"
         raise DiskFullError(f"{where} (the partial copy was removed); {hint}", code) from None
+
+
+@contextmanager
+def staged_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """A hidden sibling of ``folder`` to write ``what`` into, renamed over ``folder`` when the block
+    ends; when it fails (a full disk included, as one DiskFullError) the partial folder is removed
+    and an earlier ``folder`` stays as it was.
+
+    Example:
+        >>> with staged_folder("state", "the search state") as staging:   # doctest: +SKIP
+        ...     staging.mkdir(); save_file(tensors, staging / "state.safetensors")
+    """
+    folder = Path(folder)
+    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with disk_errors(folder, what):
+            yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if folder.exists():  # swapped, so that the folder is never missing while a reader looks
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        folder.rename(old)
+        staging.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(folder)

@@ -34,7 +34,7 @@ from .data import CalibrationData, calibration_blocks
 from .errors import DMSError
 from .evaluate import perplexity
 from .losses import TeacherTargets, causal_lm_loss, teacher_targets
-from .recover_state import latest_checkpoint, restore_checkpoint, save_checkpoint
+from .recover_state import require_checkpoint, restore_checkpoint, save_checkpoint
 from .search_adapters import require_peft
 
 
@@ -118,12 +118,7 @@ def train_lora(
     fingerprint = {**settings, "seed": seed, "blocks": list(blocks.shape), "adapter_params": adapter_params}
     first, history = 0, []
     if resume:
-        latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
-        if latest is None:
-            raise DMSError(
-                f"--resume: no adapter checkpoint in {str(checkpoint_dir)!r} to continue from; run without --resume "
-                "(with --save-every N, a run keeps checkpoints there to resume from)"
-            )
+        latest = require_checkpoint(checkpoint_dir)
         first, history = restore_checkpoint(latest, peft_model, optimizer, schedule, fingerprint)
     steps = range(first, config.steps)
     bar = tqdm(steps, initial=first, total=config.steps, desc="LoRA recovery", disable=not progress)

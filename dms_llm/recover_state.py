@@ -18,9 +18,7 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import RecoverConfig
-from .disk_space import disk_errors
+from .disk_space import staged_folder
 from .errors import DMSError
 from .search_state import optimizer_tensors, restore_optimizer
 
@@ -49,10 +47,8 @@ def save_checkpoint(
 ) -> None:
     """Write the adapters and the training state after ``step`` steps into ``folder`` (atomic)."""
     folder = Path(folder)
-    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     try:
-        with disk_errors(folder, "the adapter checkpoint"):
+        with staged_folder(folder, "the adapter checkpoint") as staging:
             peft_model.save_pretrained(staging)  # creates the checkpoints folder too
             tensors, optimizer_meta = optimizer_tensors(optimizer, "optim")
             tensors["rng.torch"] = torch.get_rng_state()
@@ -69,13 +65,9 @@ def save_checkpoint(
             }
             (staging / STATE_META).write_text(json.dumps(meta) + "\n")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # no half-written checkpoint beside the good ones
         if folder.parent.is_dir() and not any(folder.parent.iterdir()):
-            folder.parent.rmdir()  # nor an empty checkpoints folder
+            folder.parent.rmdir()  # no empty checkpoints folder either
         raise
-    if folder.exists():  # a rerun over the same step: the new one replaces it
-        shutil.rmtree(folder)
-    staging.rename(folder)
 
 
 def adapter_bytes(model: nn.Module, config: RecoverConfig) -> int:
@@ -114,6 +106,17 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
         and all((child / name).is_file() for name in (ADAPTER, STATE_TENSORS, STATE_META))
     ]
     return max(complete)[1] if complete else None
+
+
+def require_checkpoint(checkpoint_dir: str | Path | None) -> Path:
+    """The latest checkpoint in ``checkpoint_dir``; a DMSError saying what to do when there is none."""
+    latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+    if latest is None:
+        raise DMSError(
+            f"--resume: {str(checkpoint_dir)!r} holds no adapter checkpoint to continue from; run without "
+            "--resume (with --save-every N a run keeps checkpoints there)"
+        )
+    return latest
 
 
 def restore_checkpoint(

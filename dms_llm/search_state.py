@@ -12,14 +12,12 @@ Example:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .disk_space import disk_errors
+from .disk_space import staged_folder
 from .errors import DMSError
 
 TENSORS = "state.safetensors"
@@ -59,22 +57,9 @@ def save_state(
     """Write the state after ``step`` steps (atomic: temporary folder, then rename)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        with disk_errors(folder, "the search state"):
-            _write_state(staging, step, masks, optimizers, meta, weights)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # a full disk keeps the previous state and no partial one
-        raise
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        folder.rename(old)
-        staging.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(folder)
+    with staged_folder(folder, "the search state") as staging:  # a full disk keeps the previous state
+        staging.mkdir()
+        _write_state(staging, step, masks, optimizers, meta, weights)
 
 
 def _write_state(staging: Path, step: int, masks, optimizers: dict, meta: dict, weights: dict | None) -> None:
