@@ -22,14 +22,14 @@ from torch import nn
 
 from .adapters import get_adapter
 from .config_compat import add_legacy_keys
-from .disk_space import check_download_room, disk_errors, nearest_existing
+from .disk_space import disk_errors, nearest_existing
 from .errors import DMSError
 from .hub_access import use_cache_if_offline
+from .model_files import download_model, weight_files
 from .slicing import MODELING_FILE
 from .tokenizer_files import carry_tokenizer_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken")  # what a Hub model is read from
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -166,12 +166,12 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None, device, device_
 
     from .modeling_dms_pruned import PRUNED_CLASSES
 
-    folder = _local_folder(name_or_path)
+    folder = download_model(name_or_path)
     config = AutoConfig.from_pretrained(folder)
     pruned = bool(getattr(config, "dms_layer_shapes", None))
     if device_map is None:
         model = empty_model(config)
-        if _read_weights(model, _weight_files(folder), dtype, torch.device(device)):
+        if _read_weights(model, weight_files(folder), dtype, torch.device(device)):
             model.config._name_or_path = str(name_or_path)
             if dtype is not None:
                 model.config.dtype = dtype
@@ -182,31 +182,6 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None, device, device_
     loader = PRUNED_CLASSES[config.model_type] if pruned else AutoModelForCausalLM
     model = loader.from_pretrained(folder, dtype=dtype, device_map=device_map, use_safetensors=True)
     return model.eval()
-
-
-def _local_folder(name_or_path: str) -> Path:
-    """The folder itself, or the local snapshot of a Hub model (config, tokenizer, safetensors)."""
-    folder = Path(name_or_path).expanduser()
-    if folder.is_dir():
-        return folder
-    from huggingface_hub import snapshot_download
-
-    check_download_room(name_or_path, HUB_FILES)
-    try:
-        return Path(snapshot_download(name_or_path, allow_patterns=list(HUB_FILES)))
-    except Exception as error:  # offline, gated, missing: one clear line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise OSError(first) from None
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise DMSError(f"{str(folder)!r} has no safetensors weights (dms-llm never loads pickled .bin files)")
-    return files
 
 
 def _read_weights(model: nn.Module, files: list[Path], dtype: torch.dtype | None, device: torch.device) -> bool:

@@ -197,16 +197,16 @@ def _check_before_loading(model: str, config, push_to: str | None = None):
     run's plan (exact counts, memory and disk, from the config alone: what ``--dry-run`` prints)."""
     from transformers import AutoTokenizer
 
-    from .checkpoint import HUB_FILES, resolve_device
+    from .checkpoint import resolve_device
     from .data import calibration_blocks
-    from .disk_space import check_download_room
+    from .model_files import check_model_download_room
     from .plan import calibration_setting, prune_plan
     from .tokenizer_files import tokenizer_files_bytes
 
     resolve_device(config.device)  # --device cuda on a machine without one: say so now
     plan = prune_plan(model, config)  # its architecture and exact counts: an unreachable budget fails here
     if not Path(model).expanduser().is_dir():  # a Hub model: its weights must fit in the cache
-        check_download_room(model, HUB_FILES)
+        check_model_download_room(model)
     narrowest = plan.mlp_width[0]
     if config.channel_multiple > narrowest:
         raise DMSError(f"--channel-multiple {config.channel_multiple} is larger than the narrowest MLP ({narrowest})")

@@ -117,11 +117,11 @@ def planned_tensors(folder: Path, plan: ExportPlan) -> list[PlannedTensor]:
     import gguf
     from safetensors import SafetensorError, safe_open
 
-    from .checkpoint import _weight_files
+    from .model_files import weight_files
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[plan.arch.upper()], len(plan.layers))
     planned = []
-    for file in _weight_files(folder):
+    for file in weight_files(folder):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)

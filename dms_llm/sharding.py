@@ -71,9 +71,10 @@ def load_sharded(name_or_path: str, dtype: torch.dtype, device: torch.device) ->
     from transformers import AutoConfig
 
     from .adapters import get_adapter
-    from .checkpoint import _local_folder, _weight_files, empty_model
+    from .checkpoint import empty_model
+    from .model_files import download_model, weight_files
 
-    folder = _local_folder(name_or_path)
+    folder = download_model(name_or_path)
     config = AutoConfig.from_pretrained(folder)
     if getattr(config, "dms_layer_shapes", None):
         raise DMSError(f"{name_or_path!r} is already pruned per layer; --shard loads dense models only")
@@ -84,7 +85,7 @@ def load_sharded(name_or_path: str, dtype: torch.dtype, device: torch.device) ->
     model.to_empty(device=device)  # this rank's shards and the replicated tensors, uninitialised
     _restore_buffers(model, buffers, device)
     params, seen = dict(model.named_parameters()), set()
-    for file in _weight_files(folder):
+    for file in weight_files(folder):
         try:
             with safe_open(str(file), framework="pt", device="cpu", backend="pread") as handle:
                 seen |= _fill_shards(handle, params, dtype, device, f"{file.name} ({config.model_type})")

@@ -33,7 +33,7 @@ class FakeHub:
             def log_message(self, *args):  # keep test output quiet
                 pass
 
-            def _reply(self, status: int, body: dict) -> None:
+            def _reply(self, status: int, body: dict | list) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -53,11 +53,28 @@ class FakeHub:
                     repo_id = f"{parts[3]}/{parts[4]}"
                     if repo_id not in hub.models:
                         return self._reply(404, {"error": "Repository not found"})
+                    if len(parts) >= 7 and parts[5] == "tree":  # /tree/{rev}[/{folder}]: the folder's files
+                        return self._tree(repo_id, "/".join(parts[7:]), "recursive=true" in self.path)
                     siblings = [{"rfilename": name, "size": size} for name, (_, size) in hub.models[repo_id].items()]
                     return self._reply(200, {"id": repo_id, "sha": hub.SHA, "siblings": siblings})
                 if "/resolve/" in self.path:
                     return self._file(send_body=True)
                 return self._reply(404, {"error": "not found"})
+
+            def _tree(self, repo_id: str, folder: str, recursive: bool) -> None:
+                prefix = f"{folder}/" if folder else ""
+                entries = [
+                    {"type": "file", "path": name, "size": size, "oid": hashlib.sha1(content).hexdigest()}
+                    for name, (content, size) in hub.models[repo_id].items()
+                    if name.startswith(prefix) and (recursive or "/" not in name[len(prefix) :])
+                ]
+                if folder and not entries:  # as the Hub answers for a folder the repository lacks
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self._reply(200, entries)
 
             def _file(self, send_body: bool) -> None:
                 """/{ns}/{name}/resolve/{revision}/{file}: the file, with the headers a download reads."""

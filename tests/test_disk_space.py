@@ -216,8 +216,11 @@ def _hub_model(weights_claimed: int) -> dict[str, tuple[bytes, int]]:
     """stories260K's config and tokenizer as a Hub repository whose listing claims ``weights_claimed``
     bytes of safetensors (never downloaded: the check must stop before)."""
     files = {f.name: (f.read_bytes(), f.stat().st_size) for f in STORIES.iterdir() if f.suffix != ".safetensors"}
-    return {**files, "model-00001-of-00002.safetensors": (b"", weights_claimed // 2),
-            "model-00002-of-00002.safetensors": (b"", weights_claimed - weights_claimed // 2)}  # fmt: skip
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = json.dumps({"metadata": {}, "weight_map": {"a": shards[0], "b": shards[1]}}).encode()
+    half = weights_claimed // 2
+    return {**files, "model.safetensors.index.json": (index, len(index)),
+            shards[0]: (b"", half), shards[1]: (b"", weights_claimed - half)}  # fmt: skip
 
 
 def test_a_hub_model_larger_than_the_cache_disk_is_refused_before_downloading(tmp_path):
@@ -235,7 +238,7 @@ def test_a_hub_model_larger_than_the_cache_disk_is_refused_before_downloading(tm
                  "--calib", str(TINYSTORIES), *extra], capture_output=True, text=True, env=env, cwd=tmp_path,
             )  # fmt: skip
             line = _one_line_error(result)
-            # the tokenizer's three files and the two weight shards (config.json was read: it is cached)
+            # the tokenizer's three files and the index's two shards (config.json and the index were read)
             assert "org/huge's 5 missing files into the Hugging Face cache takes about 1024.00 TiB" in line, line
             assert "HF_HOME" in line
         assert not any(path.endswith(".safetensors") for _, path in hub.calls if "/resolve/" in path)
@@ -247,22 +250,23 @@ def test_the_download_check_counts_only_the_files_the_cache_lacks(tmp_path, monk
     from fake_hub import FakeHub
     from huggingface_hub import constants
 
-    from dms_llm.checkpoint import HUB_FILES
     from dms_llm.disk_space import check_download_room
+    from dms_llm.model_files import METADATA_FILES
 
+    patterns = (*METADATA_FILES, "*.safetensors")
     model = _hub_model(2 * 2**20)
     model["config.json"] = (model["config.json"][0], 2**50)  # the listing claims a huge config.json
     with FakeHub(models={"org/small": model}) as hub:
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-        with pytest.raises(dms_llm.errors.DMSError, match="org/small's 6 missing files"):
-            check_download_room.__wrapped__("org/small", HUB_FILES)
+        with pytest.raises(dms_llm.errors.DMSError, match="org/small's 7 missing files"):
+            check_download_room.__wrapped__("org/small", patterns)
         # the real client downloads config.json into that cache (its own process: the endpoint is read at import)
         online = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "hub")}
         download = "import huggingface_hub; huggingface_hub.hf_hub_download('org/small', 'config.json')"
         subprocess.run([sys.executable, "-c", download], check=True, env={**os.environ, **online})
-        check_download_room.__wrapped__("org/small", HUB_FILES)  # cached now: 2 MiB of weights fit
+        check_download_room.__wrapped__("org/small", patterns)  # cached now: 2 MiB of weights fit
         _report_free(monkeypatch, 2 * 2**20)
-        with pytest.raises(dms_llm.errors.DMSError, match="org/small's 5 missing files"):
-            check_download_room.__wrapped__("org/small", HUB_FILES)
+        with pytest.raises(dms_llm.errors.DMSError, match="org/small's 6 missing files"):
+            check_download_room.__wrapped__("org/small", patterns)
