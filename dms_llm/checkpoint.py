@@ -130,13 +130,16 @@ def load_model(
     config = load_config(name_or_path)
     get_adapter(config)  # unsupported families fail here, before the weights load
     target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    if device_map is None:  # (with a device map, Accelerate places the layers and offloads the rest)
+        _check_weights_fit(name_or_path, config, torch_dtype, target, shard)
     try:
         if shard:
             from .sharding import load_sharded
 
-            model = load_sharded(name_or_path, resolve_dtype(dtype, target), target)
+            model = load_sharded(name_or_path, torch_dtype, target)
         else:
-            model = load_causal_lm(name_or_path, resolve_dtype(dtype, target), target, device_map)
+            model = load_causal_lm(name_or_path, torch_dtype, target, device_map)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0]
@@ -144,6 +147,25 @@ def load_model(
             f"could not load {name_or_path!r}: {first} (dms-llm only reads safetensors weights, never pickles)"
         ) from None
     return model, tokenizer
+
+
+def _check_weights_fit(name_or_path: str, config, dtype: torch.dtype, device: torch.device, shard: bool) -> None:
+    """This process's weights must fit on ``device`` now: refused before the download and the read.
+    Other local ranks may be loading already, so only this process's copy is counted here (``prune``
+    counts all of them before the ranks join)."""
+    from .memory_room import check_weight_memory, weight_bytes
+
+    model = empty_model(config)
+    if shard:
+        from .launch import launched_ranks
+        from .plan import largest_shard_bytes
+
+        layers = get_adapter(config).decoder_layers(model)
+        needed = largest_shard_bytes(model, layers, launched_ranks()[1], dtype.itemsize)
+    else:
+        needed = weight_bytes(model, dtype)
+    what = f"the weights of {name_or_path!r}" + (" (this rank's rows)" if shard else "")
+    check_weight_memory(needed, device, dtype, what, copies=1)
 
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device_map: str | None = None):

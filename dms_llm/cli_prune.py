@@ -81,6 +81,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
         print(render_plan(plan))
         print(f"output: {output_dir} (not created: --dry-run; {size_text(free_bytes(output_dir))} free on its disk)")
+    _check_memory(plan, config)
     # hours of search must not end on a full disk: the checkpoint and the search state must fit now
     check_room(output_dir, plan.disk_bytes, "the checkpoint" + (" and the search state" if plan.state_bytes else ""))
     if args.dry_run:  # every check has passed; nothing was loaded or written
@@ -204,7 +205,7 @@ def _check_before_loading(model: str, config, push_to: str | None = None):
     from .tokenizer_files import tokenizer_files_bytes
 
     resolve_device(config.device)  # --device cuda on a machine without one: say so now
-    plan = prune_plan(model, config)  # its architecture and exact counts: an unreachable budget fails here
+    plan = prune_plan(model, config, launched=_launched_processes())  # exact counts: an unreachable budget fails here
     if not Path(model).expanduser().is_dir():  # a Hub model: its weights must fit in the cache
         check_model_download_room(model)
     narrowest = plan.mlp_width[0]
@@ -230,6 +231,32 @@ def _check_before_loading(model: str, config, push_to: str | None = None):
     plan.settings["calibration"] = calibration_setting(calibration, config)
     plan.tokenizer_bytes = tokenizer_files_bytes(model)  # now in the Hub cache, if it was not before
     return calibration, plan
+
+
+def _launched_processes() -> int:
+    """Ranks of this launch: torchrun's, or those dms-llm starts for ``accelerate launch --cpu``."""
+    from .launch import launched_ranks, requested_cpu_processes
+
+    return max(launched_ranks()[1], requested_cpu_processes())
+
+
+def _check_memory(plan, config) -> None:
+    """Each process's weights (its rows under --shard) and lora mode's adapters must fit where they
+    load, every local CPU rank holding its own: refused before any download (``memory_room``).
+    Checked before the ranks join, so no rank has loaded anything yet."""
+    from .checkpoint import DTYPES, resolve_device
+    from .launch import fsdp_requested, requested_cpu_processes
+    from .memory_room import check_weight_memory, local_copies
+
+    if config.device_map:  # Accelerate places the layers over the devices, offloading what does not fit
+        return
+    device, processes = resolve_device(config.device), _launched_processes()
+    sharded = (config.shard or fsdp_requested()) and processes > 1
+    needed = (plan.shard_rank_bytes[processes] if sharded else plan.weight_bytes) + (plan.adapter_bytes or 0)
+    copies = max(local_copies(device), requested_cpu_processes())  # CPU ranks share the host's memory
+    what = f"the weights of {plan.model!r}" + (" (this rank's rows)" if sharded else "")
+    what += " and the search's LoRA adapters" if plan.adapter_bytes else ""
+    check_weight_memory(needed, device, DTYPES[plan.dtype], what, copies)
 
 
 def _check_text_source(source: str, text_field: str = "text") -> None:

@@ -52,6 +52,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         save_pruned,
     )
     from .disk_space import check_room
+    from .memory_room import check_weight_memory, weight_bytes
     from .output_lock import claim_output
     from .recover import recover, recovery_teacher
     from .recover_state import checkpoint_bytes, latest_checkpoint, require_checkpoint
@@ -68,8 +69,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
     checkpoints = output.with_name(f"{output.name}-checkpoints")
     latest = require_checkpoint(checkpoints) if args.resume else latest_checkpoint(checkpoints)  # before any weights
     skeleton = empty_model(load_config(args.model))
-    element = resolve_dtype(args.dtype, resolve_device(args.device)).itemsize
-    needed = sum(p.numel() for p in skeleton.parameters()) * element + tokenizer_files_bytes(args.model)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if not args.device_map:  # the weights must fit where they load (the dense teacher is checked as it loads)
+        check_weight_memory(weight_bytes(skeleton, dtype), device, dtype, f"the weights of {args.model!r}", 1)
+    needed = weight_bytes(skeleton, dtype) + tokenizer_files_bytes(args.model)
     what = "the recovered checkpoint"
     if config.save_every:  # every adapter checkpoint is kept beside the output
         needed += config.steps // config.save_every * checkpoint_bytes(skeleton, config)

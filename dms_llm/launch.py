@@ -52,6 +52,11 @@ def check_distributed(accelerator, sharded: bool = False) -> None:
         )
 
 
+def fsdp_requested() -> bool:
+    """True when ``accelerate launch`` was given an FSDP config (readable before the ranks join)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
 def launched_ranks() -> tuple[int, int]:
     """(this process's rank, number of ranks) that torchrun or ``accelerate launch`` started; (0, 1) alone."""
     return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)

@@ -65,7 +65,7 @@ class PrunePlan:
         return max(2 * self.state_bytes, self.state_bytes + self.pruned_bytes + self.tokenizer_bytes)
 
 
-def _largest_shard(model: torch.nn.Module, layers: torch.nn.ModuleList, ranks: int, element: int) -> int:
+def largest_shard_bytes(model: torch.nn.Module, layers: torch.nn.ModuleList, ranks: int, element: int) -> int:
     """Weight bytes of rank 0 when every decoder layer's tensors are split by rows over ``ranks``
     (as FSDP's ``fully_shard`` does: ceil(rows / ranks) rows to the first ranks), the rest whole."""
     layer_params = {id(p) for layer in layers for p in layer.parameters()}
@@ -79,11 +79,15 @@ def _largest_shard(model: torch.nn.Module, layers: torch.nn.ModuleList, ranks: i
     return total * element
 
 
-def prune_plan(model_name: str, config: PruneConfig, calibration: CalibrationData | None = None) -> PrunePlan:
+def prune_plan(
+    model_name: str, config: PruneConfig, calibration: CalibrationData | None = None, launched: int = 1
+) -> PrunePlan:
     """The plan of ``dms-llm prune model_name`` with ``config``: counts, settings and memory.
 
-    ``calibration``: the blocks the run would search on (described in the settings when given).
+    ``calibration``: the blocks the run would search on (described in the settings when given);
+    ``launched``: the ranks of this launch (their shard size is planned too).
     """
+    ranks = sorted(set(SHARD_RANKS) | ({launched} if launched > 1 else set()))
     model_config = load_config(model_name)
     adapter = get_adapter(model_config)
     model = empty_model(model_config)
@@ -100,7 +104,7 @@ def prune_plan(model_name: str, config: PruneConfig, calibration: CalibrationDat
     if config.method == "dms":
         settings.update(mode=search.mode, loss=search.loss, steps=search.steps)
         settings["step"] = f"{search.batch_size} blocks x {search.grad_accum} micro-batches per process"
-    shard_rank_bytes = {n: _largest_shard(model, layers, n, element) for n in SHARD_RANKS}  # before adapters
+    shard_rank_bytes = {n: largest_shard_bytes(model, layers, n, element) for n in ranks}  # before adapters
     adapter_params = adapter_bytes = None
     if config.method == "dms" and search.mode == "lora":
         from .search_adapters import attach_search_adapters

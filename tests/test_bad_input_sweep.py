@@ -19,6 +19,7 @@ from conftest import STORIES, TINYSTORIES, require_shared
 from dms_llm.cli import main
 
 NOT_CACHED = "is not a local folder nor in the local Hugging Face cache"
+TOO_BIG = "1.48 TiB in float32, more than the"  # and "... GiB this machine has available (memory and free swap)"
 STORY_TEXT = "Once upon a time there was a little girl who liked to play in the park with her dog.\n"
 
 
@@ -48,6 +49,14 @@ def _workspace(root: Path) -> None:
     (root / "typo.yaml").write_text("serch:\n  steps: 3\n")
     (root / "wrongtype.yaml").write_text("search:\n  steps: many\n")
     (root / "exists.gguf").write_text("an older export")
+    huge = root / "llama-405b"  # Llama-3.1-405B's shape: 1.48 TiB in float32, more than any test machine holds
+    huge.mkdir()
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "model.safetensors"):
+        shutil.copy(STORIES / name, huge / name)
+    transformers.LlamaConfig(
+        hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+    ).save_pretrained(huge)  # fmt: skip
 
 
 def _prune(*extra: str, model: str | None = None, calib: str | None = None) -> list[str]:
@@ -116,6 +125,8 @@ PRUNE = [  # (argv, what the error line must say)
     (_prune("--ratio", "0.2", "--eval-seq-len", "0"), "seq_len"),
     (_prune("--ratio", "0.2", "--push-to-hub", "not a repo id"), "not a valid Hub repository id"),
     (_prune("--ratio", "0.2", model="corrupt"), "truncated or corrupt safetensors"),
+    (_prune("--ratio", "0.2", model="llama-405b"), TOO_BIG),
+    (_prune("--ratio", "0.2", "--dry-run", model="llama-405b"), TOO_BIG),
 ]
 
 OTHER_VERBS = [
@@ -144,6 +155,8 @@ OTHER_VERBS = [
     (["export", str(STORIES), "-o", "afile/x.gguf"], "is a file, not a folder"),
     (["export", "corrupt", "-o", "x.gguf"], "truncated or corrupt safetensors"),
     (["export", "gpt2", "-o", "x.gguf"], "gpt2"),
+    (["eval", "llama-405b", "--ppl", str(TINYSTORIES)], TOO_BIG),
+    (["recover", "llama-405b", "--data", str(TINYSTORIES), "-o", "out"], TOO_BIG),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
 
