@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -34,13 +35,49 @@ def this_process_device(device: torch.device) -> torch.device:
     return device
 
 
+def _read_number(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # absent, unreadable, or "max" (no limit)
+        return None
+
+
+def _file_cache(stat: Path, key: str) -> int:
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in lines if line.startswith(f"{key} ")), 0)
+
+
+def container_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes left under this container's memory limit (cgroup v2, else v1); None without a limit.
+
+    In a container (Docker, a Kubernetes pod) the host's free memory says nothing of the limit the
+    kernel kills at. Page cache counts against the limit but is given back under pressure, so it is
+    counted as free: a downloaded checkpoint's cached pages must not look like used memory.
+    """
+    for limit_file, usage_file, stat_file, cache_key in (
+        (root / "memory.max", root / "memory.current", root / "memory.stat", "file"),
+        (root / "memory" / "memory.limit_in_bytes", root / "memory" / "memory.usage_in_bytes",
+         root / "memory" / "memory.stat", "total_cache"),
+    ):  # fmt: skip
+        limit, usage = _read_number(limit_file), _read_number(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:  # v1 writes "no limit" as ~2**63
+            return max(0, limit - usage + _file_cache(stat_file, cache_key))
+    return None
+
+
 def available_memory(device: torch.device) -> int | None:
-    """Bytes that new tensors can take on ``device``: the host's available memory plus free swap
-    (CPU) or the GPU's free memory (CUDA, after other processes' use); None where it cannot be told."""
+    """Bytes that new tensors can take on ``device``: the host's available memory plus free swap,
+    within the container's limit (CPU), or the GPU's free memory (CUDA, after other processes' use);
+    None where it cannot be told."""
     if device.type == "cpu":
         import psutil
 
-        return psutil.virtual_memory().available + psutil.swap_memory().free
+        host = psutil.virtual_memory().available + psutil.swap_memory().free
+        room = container_room()
+        return host if room is None else min(host, room)
     if device.type == "cuda" and torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info(this_process_device(device))
         return free
@@ -78,7 +115,7 @@ def check_weight_memory(
     where = (
         f"{this_process_device(device)} has free"
         if device.type == "cuda"
-        else "this machine has available (memory and free swap)"
+        else "this machine has available (memory and free swap, within a container's limit)"
     )
     each = f" in each of {copies} processes ({size_text(needed * copies)} in all)" if copies > 1 else ""
     raise DMSError(

@@ -62,3 +62,25 @@ def test_prune_counts_each_rank_before_the_ranks_join(monkeypatch, capsys, tmp_p
     assert main([*argv, "--dry-run", "--shard"]) == 2
     assert "the weights of" in (error := capsys.readouterr().err) and "(this rank's rows)" in error, error
     assert not (tmp_path / "out").exists()
+
+
+def test_a_containers_memory_limit_bounds_the_room_and_its_page_cache_counts_as_free(tmp_path):
+    from dms_llm.memory_room import container_room
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{16 * GIB}\n")
+    (v2 / "memory.current").write_text(f"{10 * GIB}\n")
+    (v2 / "memory.stat").write_text(f"anon {4 * GIB}\nfile {6 * GIB}\nkernel 0\n")
+    assert container_room(v2) == 12 * GIB  # 16 - 10 in use, of which 6 are reclaimable page cache
+    (v2 / "memory.max").write_text("max\n")
+    assert container_room(v2) is None  # no limit: the host's memory decides
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{8 * GIB}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{3 * GIB}\n")
+    (v1 / "memory.stat").write_text(f"cache {GIB}\nrss {2 * GIB}\ntotal_cache {GIB}\n")
+    assert container_room(tmp_path / "v1") == 6 * GIB
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "unlimited"
+    assert container_room(tmp_path / "v1") is None
+    assert container_room(tmp_path / "none") is None
