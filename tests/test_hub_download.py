@@ -54,6 +54,11 @@ def test_a_hub_model_downloads_the_index_shards_only_not_a_consolidated_copy(tmp
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         fetched = {path.rsplit("/", 1)[-1] for method, path in hub.calls if method == "GET" and "/resolve/" in path}
+    # the Hub gone (offline), the same name loads from the cache it filled
+    offline = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    cached = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=offline, cwd=tmp_path)
+    assert cached.returncode == 0, cached.stderr[-2000:]
+    assert cached.stdout.splitlines()[-1] == result.stdout.splitlines()[-1]
     shards = set(json.loads(repository["model.safetensors.index.json"][0])["weight_map"].values())
     assert "consolidated.safetensors" not in fetched
     assert len(shards) >= 2 and shards <= fetched
