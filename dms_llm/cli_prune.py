@@ -81,7 +81,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
         print(render_plan(plan))
         print(f"output: {output_dir} (not created: --dry-run; {size_text(free_bytes(output_dir))} free on its disk)")
-    _check_memory(plan, config)
+    memory = _check_memory(plan, config)
+    if args.dry_run and memory and os.environ.get("RANK", "0") == "0":
+        print(memory)
     # hours of search must not end on a full disk: the checkpoint and the search state must fit now
     check_room(output_dir, plan.disk_bytes, "the checkpoint" + (" and the search state" if plan.state_bytes else ""))
     if args.dry_run:  # every check has passed; nothing was loaded or written
@@ -240,11 +242,12 @@ def _launched_processes() -> int:
     return max(launched_ranks()[1], requested_cpu_processes())
 
 
-def _check_memory(plan, config) -> None:
+def _check_memory(plan, config) -> str | None:
     """Each process's weights (its rows under --shard) and lora mode's adapters must fit where they
     load, every local CPU rank holding its own: refused before any download (``memory_room``).
     Checked before the ranks join, so no rank has loaded anything yet."""
     from .checkpoint import DTYPES, resolve_device
+    from .disk_space import size_text
     from .launch import fsdp_requested, requested_cpu_processes
     from .memory_room import check_weight_memory, local_copies
 
@@ -256,7 +259,11 @@ def _check_memory(plan, config) -> None:
     copies = max(local_copies(device), requested_cpu_processes())  # CPU ranks share the host's memory
     what = f"the weights of {plan.model!r}" + (" (this rank's rows)" if sharded else "")
     what += " and the search's LoRA adapters" if plan.adapter_bytes else ""
-    check_weight_memory(needed, device, DTYPES[plan.dtype], what, copies)
+    available = check_weight_memory(needed, device, DTYPES[plan.dtype], what, copies)
+    if available is None:
+        return None
+    each = f"{copies} processes x " if copies > 1 else ""
+    return f"memory: {what.removeprefix('the ')} take {each}{size_text(needed)}; {device} has {size_text(available)}"
 
 
 def _check_text_source(source: str, text_field: str = "text") -> None:

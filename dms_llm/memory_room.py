@@ -105,13 +105,14 @@ def _fixes(device: torch.device, dtype: torch.dtype, copies: int, fits_in_half: 
 
 def check_weight_memory(
     needed: int, device: torch.device, dtype: torch.dtype, what: str, copies: int | None = None
-) -> None:
+) -> int | None:
     """Refuse (DMSError) when ``copies`` processes (default: this launch's local ranks on the host,
-    one on a GPU) of ``needed`` bytes each exceed what ``device`` has available now."""
+    one on a GPU) of ``needed`` bytes each exceed what ``device`` has available now; else return
+    what it has (None where that cannot be told)."""
     available = available_memory(device)
     copies = copies or local_copies(device)
     if available is None or needed * copies <= available:
-        return
+        return available
     where = (
         f"{this_process_device(device)} has free"
         if device.type == "cuda"

@@ -57,7 +57,9 @@ def test_prune_counts_each_rank_before_the_ranks_join(monkeypatch, capsys, tmp_p
     error = capsys.readouterr().err
     assert "in each of 2 processes" in error and "or split it with --shard" in error, error
     assert main([*argv, "--dry-run", "--shard"]) == 0  # each rank holds its rows: it fits
-    assert "(this rank's rows)" not in capsys.readouterr().err
+    out = capsys.readouterr().out
+    memory = f"memory: weights of {str(STORIES)!r} (this rank's rows) and the search's LoRA adapters take 2 processes x"
+    assert memory in out, out
     _available(monkeypatch, int(1.5 * sharded))
     assert main([*argv, "--dry-run", "--shard"]) == 2
     assert "the weights of" in (error := capsys.readouterr().err) and "(this rank's rows)" in error, error
