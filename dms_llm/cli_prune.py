@@ -243,8 +243,9 @@ def _launched_processes() -> int:
 
 
 def _check_memory(plan, config) -> str | None:
-    """Each process's weights (its rows under --shard) and lora mode's adapters must fit where they
-    load, every local CPU rank holding its own: refused before any download (``memory_room``).
+    """Each process's weights (its rows under --shard; in joint mode with their gradients and AdamW
+    moments) and lora mode's adapters must fit where they load, every local CPU rank holding its
+    own: refused before any download (``memory_room``).
     Checked before the ranks join, so no rank has loaded anything yet."""
     from .checkpoint import DTYPES, resolve_device
     from .disk_space import size_text
@@ -255,11 +256,16 @@ def _check_memory(plan, config) -> str | None:
         return
     device, processes = resolve_device(config.device), _launched_processes()
     sharded = (config.shard or fsdp_requested()) and processes > 1
-    needed = (plan.shard_rank_bytes[processes] if sharded else plan.weight_bytes) + (plan.adapter_bytes or 0)
+    # joint mode trains every weight with AdamW: gradients and two moments in the weights' dtype
+    joint = config.method == "dms" and config.search.resolved().mode == "joint"
+    weights = plan.shard_rank_bytes[processes] if sharded else plan.weight_bytes
+    needed = (4 if joint else 1) * weights + (plan.adapter_bytes or 0)
     copies = max(local_copies(device), requested_cpu_processes())  # CPU ranks share the host's memory
     what = f"the weights of {plan.model!r}" + (" (this rank's rows)" if sharded else "")
+    what += " with their gradients and AdamW moments (joint mode)" if joint else ""
     what += " and the search's LoRA adapters" if plan.adapter_bytes else ""
-    available = check_weight_memory(needed, device, DTYPES[plan.dtype], what, copies)
+    fix = "--mode lora (the default) trains adapters on frozen weights instead; or " if joint else ""
+    available = check_weight_memory(needed, device, DTYPES[plan.dtype], what, copies, fix)
     if available is None:
         return None
     each = f"{copies} processes x " if copies > 1 else ""

@@ -104,11 +104,11 @@ def _fixes(device: torch.device, dtype: torch.dtype, copies: int, fits_in_half: 
 
 
 def check_weight_memory(
-    needed: int, device: torch.device, dtype: torch.dtype, what: str, copies: int | None = None
+    needed: int, device: torch.device, dtype: torch.dtype, what: str, copies: int | None = None, fix: str = ""
 ) -> int | None:
     """Refuse (DMSError) when ``copies`` processes (default: this launch's local ranks on the host,
     one on a GPU) of ``needed`` bytes each exceed what ``device`` has available now; else return
-    what it has (None where that cannot be told)."""
+    what it has (None where that cannot be told). ``fix``: a first remedy to suggest."""
     available = available_memory(device)
     copies = copies or local_copies(device)
     if available is None or needed * copies <= available:
@@ -121,7 +121,7 @@ def check_weight_memory(
     each = f" in each of {copies} processes ({size_text(needed * copies)} in all)" if copies > 1 else ""
     raise DMSError(
         f"{what} take {size_text(needed)} in {str(dtype).removeprefix('torch.')}{each}, more than the "
-        f"{size_text(available)} {where}; {_fixes(device, dtype, copies, needed * copies <= 2 * available)}"
+        f"{size_text(available)} {where}; {fix}{_fixes(device, dtype, copies, needed * copies <= 2 * available)}"
     )
 
 

@@ -86,3 +86,15 @@ def test_a_containers_memory_limit_bounds_the_room_and_its_page_cache_counts_as_
     (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "unlimited"
     assert container_room(tmp_path / "v1") is None
     assert container_room(tmp_path / "none") is None
+
+
+def test_joint_mode_counts_the_gradients_and_adamw_moments_of_every_weight(monkeypatch, capsys, tmp_path):
+    require_shared()
+    monkeypatch.chdir(tmp_path)
+    plan = prune_plan(str(STORIES), PruneConfig(ratio=0.2, device="cpu", dtype="float32"))
+    _available(monkeypatch, 3 * plan.weight_bytes)  # the weights fit; with 3 more copies they do not
+    argv = ["prune", str(STORIES), "--ratio", "0.2", "--calib", str(TINYSTORIES), "-o", "out", "--device", "cpu"]
+    assert main([*argv, "--dry-run", "--mode", "structure"]) == 0
+    assert main([*argv, "--dry-run", "--mode", "joint"]) == 2
+    error = capsys.readouterr().err
+    assert "with their gradients and AdamW moments (joint mode)" in error and "--mode lora (the default)" in error
