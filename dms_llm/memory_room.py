@@ -79,7 +79,10 @@ def available_memory(device: torch.device) -> int | None:
         room = container_room()
         return host if room is None else min(host, room)
     if device.type == "cuda" and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(this_process_device(device))
+        try:
+            free, _ = torch.cuda.mem_get_info(this_process_device(device))
+        except RuntimeError:  # e.g. a rank whose GPU is hidden from it: the load itself will say so
+            return None
         return free
     return None
 
