@@ -6,24 +6,27 @@
     python eval/benchmark_scale.py --device cuda --models 7b,8b --dtype bfloat16   # on a GPU
 
 Random weights with the real configs are written once to ``--work-dir`` (safetensors, like a Hub
-checkpoint) by a separate process; every model's stages then run in a fresh process:
+checkpoint) by a separate process; every model's stages then run in a fresh process, in the order a
+default ``dms-llm prune`` runs them (a stage's peak includes what glibc kept of the earlier stages'
+freed memory, as in a real run):
 
 - ``load``: ``dms_llm.load_model`` of the folder;
 - ``perplexity``: ``dms_llm.evaluate.perplexity`` of 8 windows of 128 tokens on the model as loaded
   (trainable weights), as ``dms-llm prune`` evaluates the dense model and ``dms-llm eval`` any;
-- ``search step``: steps of the real ``search`` at the default settings (8 blocks x 128 tokens,
-  weights frozen), timed between steps; peak = weights + activations;
-- ``layer scoring`` / ``first scoring``: ``measure_layer_scores`` at the default settings (a later
-  scoring, and the first, which adds a block-influence pass); their share of a default search
-  (the first + the later ones, over 300 steps) is reported;
-- ``plain fwd+bwd``: the same batch through the plain model with every weight trainable, as many
-  times as the timed search steps; step times are medians;
 - ``teacher targets``: the dense model's top-64 next-token log-probabilities on the 64 blocks
   (8 no-grad forwards), as the default search takes them once over its calibration blocks before
   its first step; their share of a default search (1024 blocks, over 300 lora steps) is reported;
+- ``first scoring`` / ``layer scoring``: ``measure_layer_scores`` at the default settings (the
+  first, at step 0, which adds a block-influence pass, and a later one, after the search steps,
+  ranked by the last scores); their share of a default search (the first + the later ones, over
+  300 steps) is reported;
+- ``search step``: steps of the real ``search`` at the default settings (8 blocks x 128 tokens,
+  weights frozen), timed between steps; peak = weights + activations;
 - ``search step (lora)``: the same steps at the default ``search.mode=lora`` and ``task+kd`` loss
   (LoRA r=8 adapters on every projection train with the keep ratios, distilled from those
   targets; merged into the weights at the end), compared with the structure-mode step's peak;
+- ``plain fwd+bwd``: the same batch through the plain model with every weight trainable, as many
+  times as the timed search steps (the reference for the search step's time); step times are medians;
 - ``landing``: the deterministic fit of the hard masks onto the budget (ratio 0.2);
 - ``slicing`` and ``saving``: ``slice_model`` and ``save_pruned``.
 
@@ -173,6 +176,17 @@ def run_stages(name: str, folder: Path, args) -> dict:
     result = {"model": label, "dtype": dtype, "params": counter.total, "weights_gib": weights / GIB}
 
     if args.steps > 0:
+        # in the order of a default prune: the dense targets, the first layer scoring (step 0), the
+        # search steps and a later scoring; then the lora steps and, for reference, a plain step
+        masks.remove()
+        with Stage("teacher targets", device, record):  # the default search's, taken before its first step
+            targets = teacher_targets(model, blocks, defaults.distill_topk, batch_size=defaults.batch_size)
+        masks = masks_for(model, config)
+        score_blocks = blocks[: defaults.score_blocks]
+        head = model.get_output_embeddings().weight.numel()
+        budget_of_scoring = ScoreBudget.for_search(counter, head, defaults, blocks.shape[1])
+        with Stage("first scoring", device, record):  # the first: an extra block-influence pass
+            measure_layer_scores(model, masks, score_blocks, budget_of_scoring)  # reads the scores, sets none
         stamps: list[float] = []
         search_config = SearchConfig(
             mode="structure", steps=args.steps + 1, layer_score_every=10**6, refine_fraction=0.0, save_every=0
@@ -183,14 +197,18 @@ def run_stages(name: str, folder: Path, args) -> dict:
                              on_step=lambda step, _: stamps.append(time.perf_counter()))  # fmt: skip
         step_seconds = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
         record["search step"] = {"seconds": round(step_seconds, 3), "peak_gib": record.pop("search")["peak_gib"]}
-        score_blocks = blocks[: defaults.score_blocks]
-        head = model.get_output_embeddings().weight.numel()
-        budget_of_scoring = ScoreBudget.for_search(counter, head, defaults, blocks.shape[1])
         with Stage("layer scoring", device, record):  # a later scoring: ranked by the last scores
             measure_layer_scores(model, masks, score_blocks, budget_of_scoring)
-        masks.importance["layers"][0].zero_()
-        with Stage("first scoring", device, record):  # the first: an extra block-influence pass
-            measure_layer_scores(model, masks, score_blocks, budget_of_scoring)
+        masks.remove()
+        lora_masks, lora_stamps = masks_for(model, config), []
+        # taylor layer scores: the skip-loss scoring of step 0 is measured above, not again here;
+        # mode lora with the teacher: loss auto is task+kd, the default search
+        lora_config = dataclasses.replace(search_config, mode="lora", layer_importance="taylor")
+        with Stage("search (lora)", device, record):
+            search(model, lora_masks, counter, budget, blocks, lora_config, progress=False, teacher=targets,
+                   on_step=lambda step, _: lora_stamps.append(time.perf_counter()))  # fmt: skip
+        del targets
+        lora_masks.remove()
         plain_seconds = []
         with Stage("plain fwd+bwd", device, record):
             model.requires_grad_(True)
@@ -202,18 +220,6 @@ def run_stages(name: str, folder: Path, args) -> dict:
                 plain_seconds.append(time.perf_counter() - start)
         record["plain fwd+bwd"]["seconds"] = round(statistics.median(plain_seconds), 3)
         model.requires_grad_(False).eval()
-        masks.remove()
-        with Stage("teacher targets", device, record):  # the default search's, taken before its first step
-            targets = teacher_targets(model, blocks, defaults.distill_topk, batch_size=defaults.batch_size)
-        lora_masks, lora_stamps = masks_for(model, config), []
-        # taylor layer scores: the skip-loss scoring of step 0 is measured above, not again here;
-        # mode lora with the teacher: loss auto is task+kd, the default search
-        lora_config = dataclasses.replace(search_config, mode="lora", layer_importance="taylor")
-        with Stage("search (lora)", device, record):
-            search(model, lora_masks, counter, budget, blocks, lora_config, progress=False, teacher=targets,
-                   on_step=lambda step, _: lora_stamps.append(time.perf_counter()))  # fmt: skip
-        del targets
-        lora_masks.remove()
         masks = masks_for(model, config)
         lora_seconds = statistics.median(b - a for a, b in zip(lora_stamps, lora_stamps[1:]))
         record["search step (lora)"] = {
