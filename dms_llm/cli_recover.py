@@ -71,9 +71,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
     skeleton = empty_model(load_config(args.model))
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if not args.device_map:  # the weights must fit where they load (the dense teacher is checked as it loads)
-        check_weight_memory(weight_bytes(skeleton, dtype), device, dtype, f"the weights of {args.model!r}", 1)
-    needed = weight_bytes(skeleton, dtype) + tokenizer_files_bytes(args.model)
+    weights = weight_bytes(skeleton, dtype)
+    if not args.device_map:  # before the dense teacher's pass (which load_model checks as it loads it)
+        check_weight_memory(weights, device, dtype, f"the weights of {args.model!r}", copies=1)
+    needed = weights + tokenizer_files_bytes(args.model)
     what = "the recovered checkpoint"
     if config.save_every:  # every adapter checkpoint is kept beside the output
         needed += config.steps // config.save_every * checkpoint_bytes(skeleton, config)
