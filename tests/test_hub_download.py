@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, STORIES, require_shared
+from conftest import ROOT, STORIES, TINYSTORIES, require_shared
 
 from dms_llm.checkpoint import load_model
 from dms_llm.model_files import weight_files
@@ -51,6 +51,12 @@ def test_a_hub_model_downloads_the_index_shards_only_not_a_consolidated_copy(tmp
             "ids = torch.arange(1, 33).unsqueeze(0); "
             "print(json.dumps(model(input_ids=ids).logits.flatten().tolist()))"
         )
+        # the user's command first: prune's checks count the cache's room for exactly these files
+        cli = [sys.executable, "-m", "dms_llm", "prune", "org/mistral-like", "--ratio", "0.2", "--dry-run"]
+        planned = subprocess.run(
+            [*cli, "--calib", str(TINYSTORIES), "-o", "out"], capture_output=True, text=True, env=env, cwd=tmp_path
+        )
+        assert planned.returncode == 0 and "memory: weights of 'org/mistral-like'" in planned.stdout, planned.stderr
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         fetched = {path.rsplit("/", 1)[-1] for method, path in hub.calls if method == "GET" and "/resolve/" in path}
